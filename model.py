@@ -1,0 +1,611 @@
+"""
+JOWA world-action model: one GPT-style transformer over interleaved (36 obs tokens, 1 action token) blocks,
+trained jointly as a world model (next-token / reward-sign / termination cross-entropies) and as a
+distributional critic (C51 TD + CQL) on the same backbone. Also home of the shared config dataclass, the
+`--key=value` override parser, the 60-game table and the loader for our and the official checkpoints.
+
+    python model.py            # prints the parameter counts of every preset
+"""
+import ast
+import math
+import os
+import sys
+from dataclasses import dataclass, fields, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class JOWAConfig:
+    # --- world-action transformer (paper §3, REFERENCE B§2)
+    preset: str = '40M'        # name of the size preset these values came from
+    n_layer: int = 4
+    n_head: int = 8
+    n_embd: int = 512
+    q_hidden: int = 768        # Q-head MLP width D
+    num_q: int = 1             # Q ensemble members (averaged in probability space)
+    dropout: float = 0.1       # embedding / attention / residual dropout
+    q_dropout: float = 0.01    # dropout after the first Q-head Linear
+    obs_tokens: int = 36       # tokens per frame (6x6 latent grid)
+    max_blocks: int = 8        # context length in (obs, action) blocks
+    obs_vocab: int = 2048      # VQ codebook size
+    num_actions: int = 18      # full ALE action set
+    num_tasks: int = 60        # task-embedding table size (alphabetical game list)
+    # --- VQ-VAE tokenizer (B§1)
+    tok_ch: int = 64           # conv channels
+    tok_embed_dim: int = 512   # codebook vector size = encoder z channels
+    # --- C51 / CQL / loss weights (B§4)
+    num_atoms: int = 51
+    v_min: float = -10.0
+    v_max: float = 30.0
+    gamma: float = 0.99
+    cql_weight: float = 0.1    # alpha of the CQL penalty (0 = no CQL ablation)
+    world_weight: float = 0.1  # lambda of Eq. 9 in stage 2 / fine-tuning (0 = no world-loss ablation)
+    td_loss: str = 'c51'       # 'c51' or 'mse' (ablation: 0.5*MSE on the expected Q)
+    detach_critic: bool = False  # ablation: TD/CQL gradients do not reach the backbone
+    # --- training (B§5)
+    batch_size: int = 512      # segments per optimizer step, summed over ranks and micro-steps
+    micro_batch: int = 64      # segments per forward pass per rank (grad accumulation fills the rest)
+    stage1_steps: int = 250_000    # tokenizer + world model
+    stage2_steps: int = 1_500_000  # frozen tokenizer, joint world + critic loss
+    tok_batch: int = 2048      # frames per tokenizer step, summed over ranks
+    lr_tokenizer: float = 1e-4   # Adam
+    lr_world1: float = 1e-4      # AdamW, stage 1
+    lr_world2: float = 5e-5      # AdamW, stage 2 and fine-tuning
+    lr_critic: float = 5e-5      # AdamW, Q head
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    target_update: int = 1000  # hard copy of the online Q head into the target head every N steps
+    seed: int = 0
+    device: str = 'auto'       # 'auto' = cuda if available else cpu
+    dtype: str = 'auto'        # 'auto' = bfloat16 on CUDA, float32 on CPU; or float32 / bfloat16
+    compile: bool = False
+    # --- planning / evaluation (B§7, B§8)
+    horizon: int = 2           # beam-search depth H (0 = greedy Q policy)
+    beam: int = 0              # beam width K (0 = per-game official table)
+    context: int = 0           # context blocks at decision time (0 = per-game official table)
+    epsilon: float = 0.001     # probability of a random valid action at evaluation
+    max_steps: int = 108_000   # agent-step cap per episode
+
+    @property
+    def tokens_per_block(self):
+        return self.obs_tokens + 1
+
+    @property
+    def max_tokens(self):
+        return self.tokens_per_block * self.max_blocks
+
+
+# the official sizes (B§2.1); 'tiny' is for CPU tests and demos
+PRESETS = {
+    '40M': dict(n_layer=4, n_head=8, n_embd=512, q_hidden=768, num_q=1),
+    '70M': dict(n_layer=6, n_head=12, n_embd=768, q_hidden=1024, num_q=1),
+    '150M': dict(n_layer=12, n_head=12, n_embd=768, q_hidden=1792, num_q=3),
+    'tiny': dict(n_layer=2, n_head=4, n_embd=64, q_hidden=32, num_q=2, tok_ch=32, tok_embed_dim=64, obs_vocab=512,
+                 batch_size=16, micro_batch=16, tok_batch=64, stage1_steps=300, stage2_steps=300, target_update=100),
+}
+
+
+def make_config(preset='40M', **overrides):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return JOWAConfig(**{**PRESETS[preset], 'preset': preset, **overrides})
+
+
+def parse_args(argv, extra=None):
+    """nanoGPT-style overrides: `--preset=70M --key=value ...` onto JOWAConfig, plus a script's own `extra`
+    dict of settings (updated in place). Values are Python literals (or bare strings) and must match the
+    default's type; `--flag` alone means True; unknown keys are an error. Returns (cfg, extra)."""
+    extra = {} if extra is None else extra
+    kv = {}
+    for arg in argv:
+        if arg in ('-h', '--help'):
+            names = [f'{f.name}={getattr(JOWAConfig, f.name)!r}' for f in fields(JOWAConfig)]
+            print('options (--key=value):\n  ' + '\n  '.join(names + [f'{k}={v!r}' for k, v in extra.items()]))
+            sys.exit(0)
+        if not arg.startswith('--'):
+            raise SystemExit(f"error: unexpected argument {arg!r} (use --key=value)")
+        key, _, val = arg[2:].partition('=')
+        kv[key.replace('-', '_')] = val if _ else 'True'
+    cfg = make_config(kv.pop('preset', '40M'))
+    types = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
+    for key, val in kv.items():
+        if key in types:
+            default_type = types[key]
+        elif key in extra:
+            default_type = type(extra[key])
+        else:
+            raise SystemExit(f"error: unknown option --{key} (see --help)")
+        try:
+            v = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            v = val  # a bare string
+        if default_type is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if default_type is str and not isinstance(v, str):
+            v = val
+        if not isinstance(v, default_type) or (default_type is int and isinstance(v, bool)):
+            raise SystemExit(f"error: --{key}={val} must be of type {default_type.__name__}")
+        if key in types:
+            setattr(cfg, key, v)
+        else:
+            extra[key] = v
+    return cfg, extra
+
+
+# -----------------------------------------------------------------------------
+# games (B§3.3, B§8.3)
+
+GAMES = ('AirRaid Alien Amidar Assault Asterix Asteroids Atlantis BankHeist BattleZone BeamRider Berzerk Bowling '
+         'Boxing Breakout Carnival Centipede ChopperCommand CrazyClimber DemonAttack DoubleDunk ElevatorAction Enduro '
+         'FishingDerby Freeway Frostbite Gopher Gravitar Hero IceHockey Jamesbond JourneyEscape Kangaroo Krull '
+         'KungFuMaster MontezumaRevenge MsPacman NameThisGame Phoenix Pitfall Pong Pooyan PrivateEye Qbert Riverraid '
+         'RoadRunner Robotank Seaquest Skiing Solaris SpaceInvaders StarGunner Tennis TimePilot Tutankham UpNDown '
+         'Venture VideoPinball WizardOfWor YarsRevenge Zaxxon').split()  # task id = index
+ALL18 = tuple(range(18))
+# valid full action ids per game; minimal (ALE / DQN-Replay) action i <-> the i-th id
+VALID_ACTIONS = {
+    'Phoenix': (0, 1, 3, 4, 5, 11, 12, 13), 'Centipede': ALL18, 'SpaceInvaders': (0, 1, 3, 4, 11, 12),
+    'Carnival': (0, 1, 3, 4, 11, 12), 'NameThisGame': (0, 1, 3, 4, 11, 12), 'Assault': (0, 1, 2, 3, 4, 11, 12),
+    'Atlantis': (0, 1, 11, 12), 'BeamRider': (0, 1, 2, 3, 4, 6, 7, 11, 12), 'Seaquest': ALL18,
+    'TimePilot': (0, 1, 2, 3, 4, 5, 10, 11, 12, 13), 'Berzerk': ALL18, 'Zaxxon': ALL18,
+    'DemonAttack': (0, 1, 3, 4, 11, 12), 'ChopperCommand': ALL18, 'StarGunner': ALL18,
+    'Pong': (0, 1, 3, 4, 11, 12), 'Robotank': ALL18, 'YarsRevenge': ALL18, 'Gravitar': ALL18,
+    'MsPacman': (0, 2, 3, 4, 5, 6, 7, 8, 9),
+}
+PRETRAIN_GAMES = ('Phoenix Centipede SpaceInvaders Carnival NameThisGame Assault Atlantis DemonAttack BeamRider '
+                  'ChopperCommand Seaquest TimePilot StarGunner Berzerk Zaxxon').split()
+HELDOUT_GAMES = ('Pong', 'Robotank', 'YarsRevenge', 'Gravitar', 'MsPacman')
+# (random, human, DQN) scores used for HNS / DNS (B§8.3)
+REF_SCORES = {
+    'Assault': (222.4, 742.0, 1525.2), 'Atlantis': (12850.0, 29028.1, 853640.0),
+    'BeamRider': (363.9, 16926.5, 5852.4), 'Berzerk': (123.7, 2630.4, 487.5), 'Carnival': (700.8, 3800.0, 4784.8),
+    'Centipede': (2090.9, 12017.0, 2583.0), 'ChopperCommand': (811.0, 7387.8, 2690.6),
+    'DemonAttack': (152.1, 1971.0, 6361.6), 'NameThisGame': (2292.3, 8049.0, 7278.6),
+    'Phoenix': (761.4, 7242.6, 4996.6), 'Seaquest': (68.4, 42054.7, 1600.7),
+    'SpaceInvaders': (148.0, 1668.7, 1794.2), 'StarGunner': (664.0, 10250.0, 42165.2),
+    'TimePilot': (3568.0, 5229.2, 3654.4), 'Zaxxon': (32.5, 9173.3, 4538.6), 'Gravitar': (173.0, 3351.4, 330.1),
+    'MsPacman': (307.3, 6951.6, 3402.4), 'Pong': (-20.7, 14.6, 16.6), 'Robotank': (2.2, 11.9, 59.8),
+    'YarsRevenge': (3092.9, 54576.9, 23909.4),
+}
+
+
+def task_id(game):
+    if game not in GAMES:
+        raise ValueError(f"unknown game {game!r}; known games: {', '.join(GAMES)}")
+    return GAMES.index(game)
+
+
+def action_mask(game):
+    """(18,) bool: True on the game's valid full action ids."""
+    if game not in VALID_ACTIONS:
+        raise ValueError(f"no action mask for game {game!r}; games with masks: {', '.join(VALID_ACTIONS)}")
+    mask = torch.zeros(18, dtype=torch.bool)
+    mask[list(VALID_ACTIONS[game])] = True
+    return mask
+
+
+def action_masks():
+    """(60, 18) bool table indexed by task id; games without a known mask allow all 18 actions."""
+    return torch.stack([action_mask(g) if g in VALID_ACTIONS else torch.ones(18, dtype=torch.bool) for g in GAMES])
+
+
+def normalized_score(game, score, kind='human'):
+    """HNS (kind='human') or DNS (kind='dqn'): (score - min(random, ref)) / |ref - random|."""
+    rnd, human, dqn = REF_SCORES[game]
+    ref = human if kind == 'human' else dqn
+    return (score - min(rnd, ref)) / abs(ref - rnd)
+
+
+# -----------------------------------------------------------------------------
+# world-action transformer (B§2)
+
+class KVCache:
+    """Preallocated keys and values of every layer, each (n_layer, B, n_head, max_tokens, head_dim).
+    Positions are per row (see JOWA.forward), so rows may hold contexts of different lengths."""
+
+    def __init__(self, cfg, batch, device='cpu', dtype=torch.float32):
+        shape = (cfg.n_layer, batch, cfg.n_head, cfg.max_tokens, cfg.n_embd // cfg.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def select(self, idx):
+        """New cache holding rows idx (B',) of this one: beam expansion (repeat) and pruning (gather)."""
+        new = KVCache.__new__(KVCache)
+        new.k, new.v = self.k.index_select(1, idx), self.v.index_select(1, idx)
+        return new
+
+
+class SelfAttention(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # official query, key, value stacked in that order
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cache=None, layer=0, write_idx=None, mask=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        p = self.dropout if self.training else 0.0
+        if cache is None:  # whole window from position 0: plain causal attention (FlashAttention on GPU)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            # write the new keys/values at their positions, attend over the whole preallocated cache with an
+            # explicit mask: is_causal=True would align the mask top-left, wrong when T < cache length (B§2.3)
+            idx = write_idx[:, None, :, None].expand_as(k)  # (B, nh, T, hs)
+            cache.k[layer].scatter_(2, idx, k.to(cache.k.dtype))
+            cache.v[layer].scatter_(2, idx, v.to(cache.v.dtype))
+            y = F.scaled_dot_product_attention(q, cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype),
+                                               attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block with exact (erf) GELU (B§2.2)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = SelfAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+
+    def forward(self, x, **kw):
+        x = x + self.attn(self.ln1(x), **kw)
+        return x + self.mlp(self.ln2(x))
+
+
+class QHead(nn.Module):
+    """Ensemble of num_q MLPs (B§3.2): Linear -> Dropout -> LayerNorm -> Mish, Linear -> LayerNorm -> Mish,
+    Linear to A*Z logits (action-major). Members are stacked tensors run as batched matmuls; each keeps
+    PyTorch's default Linear init (the official N(0, 0.02) init never reached them)."""
+    names = ('w0', 'b0', 'ln0_w', 'ln0_b', 'w1', 'b1', 'ln1_w', 'ln1_b', 'w2', 'b2')  # official params.0..9
+
+    def __init__(self, cfg):
+        super().__init__()
+        M, E, D, O = cfg.num_q, cfg.n_embd, cfg.q_hidden, cfg.num_actions * cfg.num_atoms
+        self.p, self.A = cfg.q_dropout, cfg.num_actions
+        for i, (fan_in, fan_out) in enumerate([(E, D), (D, D), (D, O)]):
+            bound = 1 / math.sqrt(fan_in)  # = kaiming_uniform(a=sqrt(5)) of nn.Linear
+            setattr(self, f'w{i}', nn.Parameter(torch.empty(M, fan_out, fan_in).uniform_(-bound, bound)))
+            setattr(self, f'b{i}', nn.Parameter(torch.empty(M, fan_out).uniform_(-bound, bound)))
+        for i in range(2):
+            setattr(self, f'ln{i}_w', nn.Parameter(torch.ones(M, D)))
+            setattr(self, f'ln{i}_b', nn.Parameter(torch.zeros(M, D)))
+
+    def forward(self, h):
+        """h (..., E) -> logits (M, ..., A, Z)."""
+        M, lead = self.w0.shape[0], h.shape[:-1]
+        x = h.reshape(1, -1, h.shape[-1]).expand(M, -1, -1)  # (M, N, E)
+        x = torch.baddbmm(self.b0[:, None], x, self.w0.transpose(1, 2))
+        x = F.dropout(x, self.p, self.training)  # independent masks per member
+        x = F.mish(F.layer_norm(x, x.shape[-1:]) * self.ln0_w[:, None] + self.ln0_b[:, None])
+        x = torch.baddbmm(self.b1[:, None], x, self.w1.transpose(1, 2))
+        x = F.mish(F.layer_norm(x, x.shape[-1:]) * self.ln1_w[:, None] + self.ln1_b[:, None])
+        x = torch.baddbmm(self.b2[:, None], x, self.w2.transpose(1, 2))  # (M, N, A*Z)
+        return x.view(M, *lead, self.A, -1)
+
+
+def head(E, out):  # obs / reward / end heads: Linear -> ReLU -> Linear (B§3.1)
+    return nn.Sequential(nn.Linear(E, E), nn.ReLU(), nn.Linear(E, out))
+
+
+class JOWA(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.n_embd
+        self.act_emb, self.obs_emb = nn.Embedding(cfg.num_actions, E), nn.Embedding(cfg.obs_vocab, E)
+        self.task_emb_act, self.task_emb_obs = nn.Embedding(cfg.num_tasks, E), nn.Embedding(cfg.num_tasks, E)
+        self.pos_emb = nn.Embedding(cfg.max_tokens, E)  # absolute position inside the current window
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(E)
+        self.head_obs, self.head_rew, self.head_end = head(E, cfg.obs_vocab), head(E, 3), head(E, 2)
+        self.apply(self._init_weights)  # B§2.5; QHead holds raw tensors and keeps its default init
+        self.head_q, self.head_q_target = QHead(cfg), QHead(cfg)
+        self.head_q_target.load_state_dict(self.head_q.state_dict())
+        self.head_q_target.requires_grad_(False)
+        self.register_buffer('support', torch.linspace(cfg.v_min, cfg.v_max, cfg.num_atoms), persistent=False)
+        self.register_buffer('valid', action_masks(), persistent=False)  # (60, 18) valid actions per task
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.head_q_target.eval()  # the target head never uses dropout
+        return self
+
+    def forward(self, tokens, tasks, cache=None, pos=None):
+        """tokens (B, T) interleaved obs / action ids, tasks (B,) -> hidden states (B, T, E) after ln_f.
+        Without a cache the window starts at position 0. With a cache, pos (B,) is the position of tokens[:, 0]
+        in each row's window; keys/values are written there and each token attends to positions <= its own."""
+        B, T = tokens.shape
+        pos = torch.zeros(B, dtype=torch.long, device=tokens.device) if pos is None else pos
+        p = pos[:, None] + torch.arange(T, device=tokens.device)  # (B, T) absolute positions
+        is_act = (p % self.cfg.tokens_per_block) == self.cfg.obs_tokens  # (B, T) action-token positions
+        tok = torch.where(is_act[..., None], self.act_emb(tokens * is_act), self.obs_emb(tokens * ~is_act))
+        task = torch.where(is_act[..., None], self.task_emb_act(tasks)[:, None], self.task_emb_obs(tasks)[:, None])
+        x = self.drop(tok + self.pos_emb(p) + task)
+        kw = {}
+        if cache is not None:
+            keys = torch.arange(self.cfg.max_tokens, device=tokens.device)
+            kw = dict(cache=cache, write_idx=p, mask=(keys <= p[..., None])[:, None])  # mask (B, 1, T, S)
+        for i, block in enumerate(self.blocks):
+            x = block(x, layer=i, **kw)
+        return self.ln_f(x)
+
+    def q_probs(self, h, target=False):
+        """Ensemble-mean C51 probabilities (..., A, Z) from features h (..., E) (B§3.2)."""
+        if target:
+            with torch.no_grad():
+                return self.head_q_target(h.detach()).float().softmax(-1).mean(0)
+        return self.head_q(h).float().softmax(-1).mean(0)
+
+    def q_values(self, h, tasks=None, target=False):
+        """Expected Q (..., A); with tasks (B,) (h of shape (B, ..., E)) invalid actions are -inf."""
+        q = (self.q_probs(h, target) * self.support).sum(-1)
+        if tasks is not None:
+            valid = self.valid[tasks].view(tasks.shape[0], *[1] * (q.dim() - 2), q.shape[-1])
+            q = q.masked_fill(~valid, float('-inf'))
+        return q
+
+    @torch.no_grad()
+    def update_target(self):
+        self.head_q_target.load_state_dict(self.head_q.state_dict())
+
+    # -------------------------------------------------------------------------
+    # losses (B§4)
+
+    def compute_loss(self, batch, tokenizer=None, stage=2):
+        """batch: B§4.1 dict of (B, T) tensors; observations are tokens (B, T, K) or frames (B, T, 1, 84, 84)
+        encoded here with the frozen tokenizer. Optional batch['real'] (B,) marks real (not imagined) rows:
+        only those enter the world-model cross-entropies. Stage 1: world CE only. Stage 2 (Eq. 9):
+        world_weight * world CE + C51 TD + CQL. Returns (loss, dict of detached terms)."""
+        cfg = self.cfg
+        obs, act, rew, ends, mask = (batch[k] for k in ('observations', 'actions', 'rewards', 'ends', 'mask_padding'))
+        tasks = batch['envs']
+        if obs.is_floating_point():
+            with torch.no_grad():
+                obs = tokenizer.encode(obs)
+        B, T, K = obs.shape
+        tokens = torch.cat([obs, act[..., None]], -1).view(B, T * (K + 1))
+        h = self(tokens, tasks).view(B, T, K + 1, -1)  # (B, T, 37, E)
+
+        # world model: next obs token, reward sign class, termination (B§4.2)
+        real = mask & batch['real'][:, None] if 'real' in batch else mask
+        obs_h = torch.cat([h[:, :, :K - 1], h[:, :, K:]], 2).flatten(1, 2)[:, :-1]  # (B, T*K-1, E): slot j predicts token j+1
+        obs_labels = obs.masked_fill(~real[..., None], -100).flatten(1)[:, 1:]
+        loss_obs = F.cross_entropy(self.head_obs(obs_h).flatten(0, 1).float(), obs_labels.flatten())
+        act_h = h[:, :, K]  # (B, T, E) action tokens
+        rew_labels = (torch.sign(rew).long() + 1).masked_fill(~real, -100)
+        loss_rew = F.cross_entropy(self.head_rew(act_h).flatten(0, 1).float(), rew_labels.flatten())
+        loss_end = F.cross_entropy(self.head_end(act_h).flatten(0, 1).float(), ends.masked_fill(~real, -100).flatten())
+        world = loss_obs + loss_rew + loss_end
+        terms = dict(obs=loss_obs, rew=loss_rew, end=loss_end)
+        if stage == 1:
+            return world, {k: v.detach() for k, v in terms.items()}
+
+        # critic at the last obs token of each block (B§3.1)
+        q_h = h[:, :, K - 1]  # (B, T, E)
+        q_h = q_h.detach() if cfg.detach_critic else q_h
+        probs = self.q_probs(q_h)  # (B, T, A, Z)
+        q = (probs * self.support).sum(-1)  # (B, T, A)
+        p_data = probs.gather(2, act[:, :, None, None].expand(B, T, 1, cfg.num_atoms)).squeeze(2)  # (B, T, Z)
+        q_data = q.gather(2, act[..., None]).squeeze(2)  # (B, T)
+        with torch.no_grad():  # a* = argmax over the game's valid actions of the TARGET head's Q (no double Q)
+            t_probs = self.q_probs(q_h, target=True)
+            t_q = (t_probs * self.support).sum(-1).masked_fill(~self.valid[tasks][:, None], float('-inf'))
+            a_star = t_q.argmax(-1)  # (B, T)
+            next_probs = t_probs.gather(2, a_star[..., None, None].expand(B, T, 1, cfg.num_atoms)).squeeze(2)
+        pair = (mask[:, :-1] & mask[:, 1:]).float()  # (B, T-1) step t has a real successor t+1 in the window
+        term = (mask & (ends == 1)).float()  # (B, T) terminal steps: target = point mass at r_t
+        n_td = (pair.sum() + term.sum()).clamp(min=1)
+        if cfg.td_loss == 'c51':
+            m_pair = c51_project(rew[:, :-1, None] + cfg.gamma * self.support, next_probs[:, 1:], self.support)
+            m_term = c51_project(rew[..., None].expand(B, T, cfg.num_atoms), torch.full_like(p_data, 1 / cfg.num_atoms), self.support)
+            log_p = torch.log(p_data + 1e-8)
+            td = (-(m_pair * log_p[:, :-1]).sum(-1) * pair).sum() + (-(m_term * log_p).sum(-1) * term).sum()
+        else:  # ablation: 0.5 * MSE between expected Q and the one-step target
+            v_next = (next_probs * self.support).sum(-1)
+            td = (0.5 * (q_data[:, :-1] - rew[:, :-1] - cfg.gamma * v_next[:, 1:]) ** 2 * pair).sum() \
+                + (0.5 * (q_data - rew) ** 2 * term).sum()
+        td = td / n_td
+        # CQL (B§4.4): logsumexp over ALL actions minus Q of the data action, mean over real steps
+        m = mask.float()
+        lse = (torch.logsumexp(q, -1) * m).sum() / m.sum()
+        q_pos = (q_data * m).sum() / m.sum()
+        cql = cfg.cql_weight * (lse - q_pos)
+        loss = cfg.world_weight * world + td + cql
+        terms.update(td=td, cql=cql, lse=lse, q_data=q_pos)
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+
+def c51_project(tz, probs, support):
+    """Categorical projection, Eq. 7 of Bellemare et al. (2017), vectorised as in Dopamine:
+    m_j = sum_i clamp(1 - |clip(Tz_i) - z_j| / dz, 0, 1) * p_i.  tz, probs (..., Z) -> (..., Z)."""
+    dz = support[1] - support[0]
+    tz = torch.minimum(torch.maximum(tz, support[0]), support[-1])  # clip to [v_min, v_max]
+    w = (1 - (tz[..., None, :] - support[:, None]).abs() / dz).clamp(0, 1)  # (..., Z_j, Z_i)
+    return (w * probs[..., None, :]).sum(-1)
+
+
+def configure_optimizer(model, lr_world, lr_critic, weight_decay):
+    """AdamW with three groups (B§5.2): Linear weights of backbone and world heads (decay), biases /
+    LayerNorm / embeddings (no decay), and every online Q-head tensor (decay, critic lr)."""
+    decay, no_decay, critic = [], [], []
+    for mn, m in model.named_modules():
+        for pn, p in m.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue  # the target Q head
+            if mn.startswith('head_q'):
+                critic.append(p)
+            elif isinstance(m, nn.Linear) and pn == 'weight':
+                decay.append(p)
+            else:
+                no_decay.append(p)
+    groups = [dict(params=decay, lr=lr_world, weight_decay=weight_decay),
+              dict(params=no_decay, lr=lr_world, weight_decay=0.0),
+              dict(params=critic, lr=lr_critic, weight_decay=weight_decay)]
+    return torch.optim.AdamW(groups, lr=lr_world)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: ours (one ckpt.pt dict) and the official tokenizer.pt + JOWA_<size>.pt pair (B§10.3)
+
+def strip_prefixes(sd):
+    """Drop the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes the official files may carry."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ('_orig_mod.module.', 'module.', '_orig_mod.'):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+                break
+        out[k] = v
+    return out
+
+
+_RENAMES = [  # official name pattern -> ours
+    (r'^transformer\.blocks\.', 'blocks.'), (r'^transformer\.ln_f\.', 'ln_f.'),
+    (r'^embedder\.embedding_tables\.0\.', 'act_emb.'), (r'^embedder\.embedding_tables\.1\.', 'obs_emb.'),
+    (r'^task_emb\.embedding_tables\.0\.', 'task_emb_act.'), (r'^task_emb\.embedding_tables\.1\.', 'task_emb_obs.'),
+    (r'^head_observations\.head_module\.', 'head_obs.'), (r'^head_rewards\.head_module\.', 'head_rew.'),
+    (r'^head_ends\.head_module\.', 'head_end.'),
+]
+
+
+def convert_official_jowa(sd):
+    """Official JOWA state dict -> ours: rename, stack query/key/value into c_attn, name the Q-ensemble tensors,
+    drop the attention-mask and head-index buffers (not needed; absent from the released files)."""
+    import re
+    sd, out = strip_prefixes(sd), {}
+    for k, v in sd.items():
+        if k.endswith('attn.mask') or k.endswith('.indices') or re.search(r'attn\.(key|value)\.', k):
+            continue
+        m = re.match(r'^transformer\.blocks\.(\d+)\.attn\.query\.(weight|bias)$', k)
+        if m:
+            parts = [sd.get(k.replace('query', n)) for n in ('query', 'key', 'value')]
+            if any(p is None for p in parts):
+                raise ValueError(f"checkpoint has {k} but not the matching key/value tensors")
+            out[f'blocks.{m[1]}.attn.c_attn.{m[2]}'] = torch.cat(parts, 0)
+            continue
+        m = re.match(r'^(head_q|head_q_target)\.head_module\.params\.(\d)$', k)
+        if m:
+            out[f'{m[1]}.{QHead.names[int(m[2])]}'] = v
+            continue
+        for pattern, repl in _RENAMES:
+            k = re.sub(pattern, repl, k)
+        out[k] = v
+    return out
+
+
+def config_from_official(sd, **overrides):
+    """Match an official (converted) JOWA state dict to the preset of its shapes; clear error if none fits."""
+    try:
+        n_embd = sd['pos_emb.weight'].shape[1]
+        n_layer = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
+        num_q, q_hidden = sd['head_q.w0'].shape[:2]
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"not a JOWA checkpoint: missing {e}") from None
+    for name, p in PRESETS.items():
+        if name != 'tiny' and (p['n_embd'], p['n_layer'], p['q_hidden'], p['num_q']) == (n_embd, n_layer, q_hidden, num_q):
+            return make_config(name, **overrides)
+    raise ValueError(f"checkpoint (n_layer={n_layer}, n_embd={n_embd}, q_hidden={q_hidden}, num_q={num_q}) "
+                     f"matches no preset of {', '.join(p for p in PRESETS if p != 'tiny')}")
+
+
+def load_state(module, sd, what):
+    """load_state_dict with a one-line error naming the first mismatching key or shape."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    extra = [k for k in sd if k not in own]
+    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or extra or bad:
+        k = (missing or extra or bad)[0]
+        why = ('missing key' if missing else 'unexpected key') if not bad else \
+            f"shape {tuple(sd[k].shape)} where the model has {tuple(own[k].shape)} for key"
+        raise ValueError(f"{what} does not fit the model: {why} {k} "
+                         f"({len(missing)} missing, {len(extra)} unexpected, {len(bad)} mis-shaped)")
+    module.load_state_dict(sd)
+
+
+def _torch_load(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def load_official(tokenizer_sd, jowa_sd, cfg=None):
+    """Official state dicts (any prefix) -> (cfg, model, tokenizer). cfg defaults to the matching preset."""
+    from tokenizer import Tokenizer, convert_official_tokenizer
+    sd = convert_official_jowa(jowa_sd)
+    cfg = cfg or config_from_official(sd)
+    model = JOWA(cfg)
+    load_state(model, sd, 'JOWA checkpoint')
+    tokenizer = Tokenizer(cfg)
+    tokenizer.load_state_dict(convert_official_tokenizer(tokenizer_sd, tokenizer), strict=False)
+    return cfg, model, tokenizer
+
+
+def load_checkpoint(path, **overrides):
+    """Our ckpt.pt, or the official pair given as 'tokenizer.pt,JOWA_40M.pt' or a directory holding both.
+    Returns (cfg, model, tokenizer) in eval mode on the CPU; overrides apply to plan/eval fields of cfg."""
+    from tokenizer import Tokenizer
+    paths = path.split(',')
+    if len(paths) == 1 and os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.startswith('JOWA_') and f.endswith('.pt'))
+        if not files:
+            raise FileNotFoundError(f"no JOWA_<size>.pt in directory {path}")
+        paths = [os.path.join(path, 'tokenizer.pt'), os.path.join(path, files[-1])]
+    if len(paths) == 2:
+        cfg, model, tokenizer = load_official(_torch_load(paths[0]), _torch_load(paths[1]))
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+    else:
+        ckpt = _torch_load(path)
+        if not isinstance(ckpt, dict) or not {'config', 'model', 'tokenizer'} <= set(ckpt):
+            raise ValueError(f"{path} is not a JOWA checkpoint (expected keys config, model, tokenizer)")
+        known = {f.name for f in fields(JOWAConfig)}
+        cfg = JOWAConfig(**{k: v for k, v in ckpt['config'].items() if k in known})
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        model, tokenizer = JOWA(cfg), Tokenizer(cfg)
+        load_state(model, ckpt['model'], f'{path} (model)')
+        tokenizer.load_state_dict(ckpt['tokenizer'], strict=False)  # LPIPS weights may be absent
+    return cfg, model.eval(), tokenizer.eval()
+
+
+def save_checkpoint(obj, path):
+    """Atomic torch.save: write a temp file in the same directory, then rename over the target."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def num_params(model, target=False):
+    return sum(p.numel() for n, p in model.named_parameters() if target or not n.startswith('head_q_target'))
+
+
+if __name__ == '__main__':
+    for name in PRESETS:
+        m = JOWA(make_config(name))
+        print(f"{name:>5}: {num_params(m):,} parameters without the target Q head ({num_params(m, True):,} with it)")
