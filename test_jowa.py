@@ -4,12 +4,19 @@ JOWA tests: CPU, tiny configs, the official fixtures (../shared/fixtures), real 
     python -m pytest -q test_jowa.py            # default suite
     python -m pytest -q -m slow test_jowa.py    # end-to-end runs (torchrun DDP, resume, compiled planner)
 """
+import cv2
+import gymnasium as gym
+import gzip
 import importlib.util
 import json
 import math
+import numpy as np
 import os
 import pytest
+import subprocess
+import sys
 import torch
+import torch.nn as nn
 import warnings
 
 
@@ -18,6 +25,8 @@ from model import (JOWA, KVCache, PRESETS, c51_project, configure_optimizer, con
 import tokenizer
 from model import make_config
 from tokenizer import Tokenizer, convert_official_tokenizer, load_lpips_weights, tokenizer_from_official
+import data
+from model import VALID_ACTIONS, make_config, task_id
 
 
 # ==============================================================================================================
@@ -436,3 +445,382 @@ def test_bad_inputs():
         assert tokens.shape == (2, 3, 36) and tokens.dtype == torch.long and tokens.max() < 512
         frames = tok.decode(tokens)
     assert frames.shape == (2, 3, 1, 84, 84) and 0 <= frames.min() and frames.max() <= 1
+
+
+# ==============================================================================================================
+# data
+# ==============================================================================================================
+
+NAMES = ('observation', 'action', 'reward', 'terminal')
+
+
+def raw(root, game, run, ckpt):
+    """The four arrays of one DQN-Replay checkpoint, read with plain np.load."""
+    out = []
+    for name in NAMES:
+        with gzip.open(data.replay_path(root, game, run, ckpt, name)) as f:
+            out.append(np.load(f))
+    return out
+
+
+def write_replay(root, game, run, ckpt, arrays):
+    os.makedirs(os.path.join(root, game, str(run), 'replay_logs'), exist_ok=True)
+    for name, x in zip(NAMES, arrays):
+        with gzip.open(data.replay_path(root, game, run, ckpt, name), 'wb') as f:
+            np.save(f, x)
+
+
+@pytest.fixture(scope='module')
+def replay(tmp_path_factory):
+    """Random play of Carnival (214-row frames, 6 of 18 actions) and Berzerk (all 18), a few episodes each."""
+    root = str(tmp_path_factory.mktemp('replay'))
+    data.collect('Carnival', root, steps=1500, run=1, ckpt_size=500, seed=0)
+    data.collect('Berzerk', root, steps=600, run=2, ckpt_size=300, seed=1)
+    return root
+
+
+@pytest.fixture(scope='module')
+def processed(replay, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('processed'))
+    data.process_game(replay, out, 'Carnival', [1], [0, 1, 2], fraction=1.0)
+    data.process_game(replay, out, 'Berzerk', [2], [0, 1], fraction=1.0)
+    return out
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    """A tiny JOWA checkpoint (random weights, epsilon 0) with its model and tokenizer in eval mode."""
+    from dataclasses import asdict
+    from model import JOWA, save_checkpoint
+    from tokenizer import Tokenizer
+    torch.manual_seed(0)
+    cfg = make_config('tiny', epsilon=0.0)
+    model, tok = JOWA(cfg).eval(), Tokenizer(cfg).eval()
+    path = str(tmp_path_factory.mktemp('ckpt') / 'ckpt.pt')
+    save_checkpoint(dict(config=asdict(cfg), model=model.state_dict(), tokenizer=tok.state_dict()), path)
+    return path, model, tok
+
+
+class StandIn(nn.Module):
+    """Cheap deterministic tokenizer: 6x6 average pooling quantised by a learnable scale."""
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(scale))
+
+    def encode(self, x):
+        pooled = nn.functional.adaptive_avg_pool2d(x.flatten(0, -4), 6).flatten(1)  # (b, 36)
+        return (pooled * self.scale * 2047).round().long().clamp(0, 2047).view(*x.shape[:-3], 36)
+
+
+# -----------------------------------------------------------------------------
+# environment and collector
+
+
+def test_make_env_matches_protocol():
+    """B§8.1 by hand on a raw ALE: 4 frames per step, rewards summed, max of the last two, INTER_AREA to 84x84."""
+    env = data.make_env('Carnival', seed=3)
+    ref = gym.make('ALE/Carnival-v5', obs_type='grayscale', frameskip=1, repeat_action_probability=0.0,
+                   max_num_frames_per_episode=0, disable_env_checker=True)
+    obs, _ = env.reset(seed=3)
+    frame, _ = ref.reset(seed=3)
+    assert frame.shape == (214, 160) and obs.shape == (84, 84) and obs.dtype == np.uint8
+    assert np.array_equal(obs, cv2.resize(frame, (84, 84), interpolation=cv2.INTER_AREA))
+    valid = VALID_ACTIONS['Carnival']
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        a = int(rng.choice(valid))
+        obs, r, term, trunc, _ = env.step(a)
+        frames, total = [], 0.0
+        for _ in range(4):
+            f, rr, t, _, _ = ref.step(valid.index(a))
+            frames.append(f)
+            total += rr
+        assert r == total and term == t and not trunc
+        assert np.array_equal(obs, cv2.resize(np.maximum(frames[-2], frames[-1]), (84, 84), interpolation=cv2.INTER_AREA))
+
+
+def test_make_env_actions_and_limits():
+    env = data.make_env('Carnival')
+    assert env.valid_actions == VALID_ACTIONS['Carnival']
+    assert env.unwrapped.ale.getInt('max_num_frames_per_episode') == 0  # no ALE truncation
+    chain, e = [], env
+    while hasattr(e, 'env'):
+        chain.append(type(e).__name__)
+        e = e.env
+    assert 'TimeLimit' not in chain
+    env.reset()
+    env.step(11)  # RIGHTFIRE is Carnival's minimal action 4
+    with pytest.raises(ValueError, match='action 2 is not valid in Carnival'):
+        env.step(2)  # UP is not
+    with pytest.raises(ValueError, match="unknown game 'Pongg'"):
+        data.make_env('Pongg')
+
+
+def test_collected_files_have_dopamine_format(replay):
+    obs, act, rew, term = raw(replay, 'Carnival', 1, 0)
+    assert obs.shape == (500, 84, 84) and obs.dtype == np.uint8
+    assert act.dtype == np.int32 and act.min() >= 0 and act.max() < 6
+    assert rew.dtype == np.float32 and np.abs(rew).max() <= 1
+    assert term.dtype == np.uint8 and set(np.unique(term)) <= {0, 1}
+    n_terms = sum(raw(replay, 'Carnival', 1, c)[3].sum() for c in range(3))
+    assert n_terms >= 2  # episodes end inside the files, so boundaries get exercised
+
+
+# -----------------------------------------------------------------------------
+# reader and down-sampler
+
+
+def test_split_episodes():
+    starts, ends = data.split_episodes(np.array([0, 0, 1, 0, 1, 0, 0], np.uint8))
+    assert starts.tolist() == [0, 3] and ends.tolist() == [3, 5]  # first (partial) from 0, trailing 2 dropped
+    starts, ends = data.split_episodes(np.zeros(5, np.uint8))
+    assert len(starts) == len(ends) == 0
+
+
+def test_subsample_rule_and_round_trip(replay, processed):
+    """Drawn episodes follow B§6.2 exactly, and the processed arrays equal the raw ones they came from."""
+    files = [(2, 0), (2, 1)]
+    episodes = [(r, c, s, e) for r, c in files for s, e in zip(*data.split_episodes(raw(replay, 'Berzerk', r, c)[3]))]
+    total = sum(len(raw(replay, 'Berzerk', r, c)[3]) for r, c in files)
+    n = math.ceil(1.0 * total / (total / len(episodes)))
+    drawn = np.sort(np.random.RandomState(0).randint(0, len(episodes), n))
+    d = os.path.join(processed, 'Berzerk')
+    sources, offsets = np.load(f'{d}/sources.npy'), np.load(f'{d}/episodes.npy')
+    assert sources.tolist() == [list(episodes[i][:3]) for i in drawn]
+    frames, actions, rewards, terminals = (np.load(f'{d}/{k}.npy') for k in ('frames', 'actions', 'rewards', 'terminals'))
+    for (run, ckpt, s), o, o2 in zip(sources, offsets[:-1], offsets[1:]):
+        obs, act, rew, term = raw(replay, 'Berzerk', run, ckpt)
+        assert s == 0 or term[s - 1] == 1  # starts right after a terminal or at the file start
+        assert np.array_equal(frames[o:o2], obs[s:s + o2 - o])
+        assert np.array_equal(actions[o:o2], act[s:s + o2 - o])  # Berzerk: all 18, identity map
+        assert np.array_equal(rewards[o:o2], rew[s:s + o2 - o])
+        assert np.array_equal(terminals[o:o2], term[s:s + o2 - o]) and terminals[o2 - 1] == 1
+        assert terminals[o:o2 - 1].sum() == 0
+
+
+def test_minimal_to_full_actions(replay, processed):
+    d = os.path.join(processed, 'Carnival')
+    actions, sources, offsets = (np.load(f'{d}/{k}.npy') for k in ('actions', 'sources', 'episodes'))
+    full = np.array(VALID_ACTIONS['Carnival'])
+    for (run, ckpt, s), o, o2 in zip(sources, offsets[:-1], offsets[1:]):
+        assert np.array_equal(actions[o:o2], full[raw(replay, 'Carnival', run, ckpt)[1][s:s + o2 - o]])
+    assert set(np.unique(actions)) <= set(full) and actions.max() == 12  # RIGHTFIRE/LEFTFIRE are 11/12, not 4/5
+
+
+def test_segments_table(processed):
+    d = os.path.join(processed, 'Carnival')
+    seg, offsets = np.load(f'{d}/segments.npy'), np.load(f'{d}/episodes.npy')
+    expect = [(s, b) for a, b in zip(offsets[:-1], offsets[1:]) for s in range(a, b, 4)]  # stride 4, B§6.3
+    assert seg.tolist() == [list(x) for x in expect]
+
+
+# -----------------------------------------------------------------------------
+# sampler
+
+
+def test_read_segments_padding(processed):
+    d = os.path.join(processed, 'Carnival')
+    seg, frames, terminals = np.load(f'{d}/segments.npy'), np.load(f'{d}/frames.npy'), np.load(f'{d}/terminals.npy')
+    last = int(np.flatnonzero(seg[:, 1] - seg[:, 0] < 8)[0])  # a segment running past its episode's end
+    full = int(np.flatnonzero(seg[:, 1] - seg[:, 0] >= 8)[0])
+    b = data.read_segments(d, np.array([last, full]))
+    n = seg[last, 1] - seg[last, 0]
+    assert b['mask_padding'][0].tolist() == [True] * n + [False] * (8 - n) and b['mask_padding'][1].all()
+    assert np.array_equal(b['observations'][0, :n], frames[seg[last, 0]:seg[last, 1]])
+    assert not b['observations'][0, n:].any() and not b['actions'][0, n:].any() and not b['rewards'][0, n:].any()
+    assert b['ends'][0].tolist() == [0] * (n - 1) + [1] + [0] * (8 - n)  # the episode's terminal, then padding
+    assert np.array_equal(b['observations'][1], frames[seg[full, 0]:seg[full, 0] + 8])
+    assert np.array_equal(b['ends'][1], terminals[seg[full, 0]:seg[full, 0] + 8])
+
+
+def test_batch_contract_and_mixing(processed):
+    s = data.Sampler(data.load_dataset(processed, ['Carnival', 'Berzerk']), seed=0)
+    envs = set()
+    for _ in range(5):
+        b = s.sample(16)
+        assert b['observations'].shape == (16, 8, 1, 84, 84) and b['observations'].dtype == torch.float32
+        assert 0 <= b['observations'].min() and b['observations'].max() <= 1 and b['observations'].max() > 0
+        for k, dt in (('actions', torch.long), ('rewards', torch.float32), ('ends', torch.long),
+                      ('mask_padding', torch.bool), ('envs', torch.long)):
+            assert b[k].dtype == dt and b[k].shape == ((16,) if k == 'envs' else (16, 8))
+        assert b['mask_padding'][:, 0].all() and not (b['ends'].bool() & ~b['mask_padding']).any()
+        for row, env in enumerate(b['envs'].tolist()):  # every action valid in its own game
+            game = 'Carnival' if env == task_id('Carnival') else 'Berzerk'
+            assert set(b['actions'][row][b['mask_padding'][row]].tolist()) <= set(VALID_ACTIONS[game])
+        envs |= set(b['envs'].tolist())
+    assert envs == {task_id('Carnival'), task_id('Berzerk')}
+
+
+def test_sampler_determinism_ranks_and_resume(processed):
+    ds = data.load_dataset(processed, ['Carnival', 'Berzerk'])
+    a, b, c = data.Sampler(ds, seed=0), data.Sampler(ds, seed=0), data.Sampler(ds, seed=0, rank=1)
+    ba, bb, bc = a.sample(8), b.sample(8), c.sample(8)
+    assert all(torch.equal(ba[k], bb[k]) for k in ba)
+    assert not torch.equal(ba['observations'], bc['observations'])
+    state = a.state_dict()
+    expect = [a.sample(8) for _ in range(3)]
+    resumed = data.Sampler(ds, seed=123)
+    resumed.load_state_dict(state)
+    for e in expect:
+        got = resumed.sample(8)
+        assert all(torch.equal(e[k], got[k]) for k in e)
+
+
+# -----------------------------------------------------------------------------
+# token cache
+
+
+def test_token_cache_equals_on_the_fly(processed):
+    games = ['Carnival', 'Berzerk']
+    tok = StandIn()
+    data.build_token_cache(processed, games, tok, batch=100)
+    ds = data.load_dataset(processed, games, tokens=True)
+    cached, frames = data.Sampler(ds, seed=5).sample(32, tokens=True), data.Sampler(ds, seed=5).sample(32)
+    assert cached['observations'].shape == (32, 8, 36) and cached['observations'].dtype == torch.long
+    mask = frames['mask_padding']
+    assert torch.equal(cached['observations'][mask], tok.encode(frames['observations'])[mask])
+    assert not cached['observations'][~mask].any()
+    # the same tokenizer keeps the cache; other weights make it stale and it is rebuilt
+    path = os.path.join(processed, 'Carnival', 'tokens.npy')
+    stamp = os.stat(path).st_mtime_ns
+    data.build_token_cache(processed, games, StandIn())
+    assert os.stat(path).st_mtime_ns == stamp
+    other = StandIn(0.5)
+    data.build_token_cache(processed, games, other)
+    assert os.stat(path).st_mtime_ns != stamp
+    again = data.Sampler(data.load_dataset(processed, games, tokens=True), seed=5).sample(32, tokens=True)
+    assert torch.equal(again['observations'][mask], other.encode(frames['observations'])[mask])
+
+
+def test_token_cache_with_real_tokenizer(replay, tiny, tmp_path):
+    obs, act, rew, term = (x[:12] for x in raw(replay, 'Carnival', 1, 0))
+    term = np.zeros(12, np.uint8)
+    term[[4, 11]] = 1  # two short episodes: one padded segment at least
+    write_replay(str(tmp_path / 'src'), 'Carnival', 1, 1, (obs, act, rew, term))
+    data.process_game(str(tmp_path / 'src'), str(tmp_path / 'out'), 'Carnival', [1], [1], fraction=1.0)
+    tok = tiny[2]
+    data.build_token_cache(str(tmp_path / 'out'), ['Carnival'], tok)
+    ds = data.load_dataset(str(tmp_path / 'out'), ['Carnival'], tokens=True)
+    cached, frames = data.Sampler(ds, seed=1).sample(2, tokens=True), data.Sampler(ds, seed=1).sample(2)
+    with torch.no_grad():
+        fly = tok.encode(frames['observations'])
+    mask = frames['mask_padding']
+    assert torch.equal(cached['observations'][mask], fly[mask])
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+def test_missing_files(replay, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'Pong/1/replay_logs/\$store\$_observation_ckpt.0.gz'):
+        data.process_game(replay, str(tmp_path), 'Pong', [1], [0])
+    with pytest.raises(FileNotFoundError, match=r'Carnival/3/replay_logs'):
+        data.process_game(replay, str(tmp_path), 'Carnival', [3], [0])
+    with pytest.raises(FileNotFoundError, match=r'ckpt.7.gz'):
+        data.process_game(replay, str(tmp_path), 'Carnival', [1], [0, 7])
+    with pytest.raises(FileNotFoundError, match='no processed dataset for Pong'):
+        data.load_dataset(str(tmp_path), ['Pong'])
+    assert not os.listdir(tmp_path)
+
+
+def test_bad_arrays(replay, tmp_path):
+    obs, act, rew, term = raw(replay, 'Carnival', 1, 0)
+    src = str(tmp_path / 'src')
+    write_replay(src, 'Carnival', 1, 0, (obs, act[:-1], rew, term))
+    with pytest.raises(ValueError, match=r'ckpt.0.gz: arrays disagree'):
+        data.process_game(src, str(tmp_path / 'out'), 'Carnival', [1], [0])
+    write_replay(src, 'Carnival', 1, 0, (obs[:, :80], act, rew, term))
+    with pytest.raises(ValueError, match=r'ckpt.0.gz: arrays disagree or frames are not uint8 \(N, 84, 84\)'):
+        data.process_game(src, str(tmp_path / 'out'), 'Carnival', [1], [0])
+    bad = act.copy()
+    bad[3] = 6  # Carnival has 6 minimal actions
+    write_replay(src, 'Carnival', 1, 0, (obs, bad, rew, term))
+    with pytest.raises(ValueError, match=r'action_ckpt.0.gz: action index outside'):
+        data.process_game(src, str(tmp_path / 'out'), 'Carnival', [1], [0], fraction=1.0)
+    write_replay(src, 'Carnival', 1, 0, (obs, act, rew, np.zeros_like(term)))
+    with pytest.raises(ValueError, match='no complete episode'):
+        data.process_game(src, str(tmp_path / 'out'), 'Carnival', [1], [0])
+    with pytest.raises(ValueError, match='empty subsample'):
+        data.process_game(replay, str(tmp_path / 'out'), 'Carnival', [1], [0], fraction=0.0)
+    with pytest.raises(ValueError, match="no action mask for game 'Carnivale'"):
+        data.process_game(replay, str(tmp_path / 'out'), 'Carnivale', [1], [0])
+    with pytest.raises(ValueError, match="no action mask for game 'Breakout'"):
+        data.process_game(replay, str(tmp_path / 'out'), 'Breakout', [1], [0])
+    assert not os.path.exists(tmp_path / 'out' / 'Carnival')
+
+
+@pytest.mark.parametrize('cut', [30, 5000])  # inside the header, inside the frames
+def test_truncated_or_corrupt_gz(replay, tmp_path, cut):
+    src = str(tmp_path / 'src')
+    write_replay(src, 'Carnival', 1, 0, raw(replay, 'Carnival', 1, 0))
+    path = data.replay_path(src, 'Carnival', 1, 0, 'observation')
+    with open(path, 'rb') as f:
+        blob = f.read()
+    with open(path, 'wb') as f:
+        f.write(blob[:cut])
+    with pytest.raises(ValueError, match=r'corrupt or truncated file .*observation_ckpt.0.gz'):
+        data.process_game(src, str(tmp_path / 'out'), 'Carnival', [1], [0], fraction=1.0)
+    with open(path, 'wb') as f:
+        f.write(np.random.default_rng(0).bytes(2000))  # not gzip at all
+    with pytest.raises(ValueError, match=r'corrupt or truncated file .*observation_ckpt.0.gz'):
+        data.process_game(src, str(tmp_path / 'out'), 'Carnival', [1], [0], fraction=1.0)
+    assert not os.path.exists(tmp_path / 'out') or os.listdir(tmp_path / 'out') == []
+
+
+def test_crash_mid_processing_leaves_nothing_loadable(replay, tmp_path, monkeypatch):
+    out = str(tmp_path / 'out')
+    real_read = data.read_rows
+    calls = []
+
+    def crashing(f, path, *args):
+        calls.append('observation' in path)
+        if sum(calls) == 2:  # while copying frames, after one episode was written
+            raise RuntimeError('simulated crash')
+        return real_read(f, path, *args)
+    monkeypatch.setattr(data, 'read_rows', crashing)
+    with pytest.raises(RuntimeError, match='simulated crash'):
+        data.process_game(replay, out, 'Carnival', [1], [0, 1, 2], fraction=1.0)
+    assert os.listdir(out) == []
+    with pytest.raises(FileNotFoundError):
+        data.load_dataset(out, ['Carnival'])
+
+
+def test_reader_rejects_damaged_dataset(processed, tmp_path):
+    import shutil
+    d = str(tmp_path / 'Carnival')
+    shutil.copytree(os.path.join(processed, 'Carnival'), d, ignore=shutil.ignore_patterns('tokens*'))
+    with open(f'{d}/meta.json') as f:
+        meta = json.load(f)
+    meta['steps'] += 1
+    with open(f'{d}/meta.json', 'w') as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match=r'frames.npy has shape'):
+        data.load_dataset(str(tmp_path), ['Carnival'])
+    meta['steps'] -= 1
+    with open(f'{d}/meta.json', 'w') as f:
+        json.dump(meta, f)
+    os.truncate(f'{d}/frames.npy', 1000)
+    with pytest.raises(ValueError, match=r'unreadable .*frames.npy'):
+        data.load_dataset(str(tmp_path), ['Carnival'])
+    with pytest.raises(FileNotFoundError, match='no token cache for Carnival'):
+        data.load_dataset(str(tmp_path), ['Carnival'], tokens=True)
+
+
+def test_cli_error_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, 'data.py', 'process', f'--src={tmp_path}', f'--out={tmp_path}', '--games=Pong'],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode == 1 and r.stderr.count('\n') == 1
+    assert r.stderr.startswith('error: missing file ') and 'Pong/1/replay_logs' in r.stderr
+
+
+def test_collect_with_checkpoint_policy(tiny, tmp_path):
+    """The greedy-Q branch: a tiny random checkpoint (epsilon 0) plays; every stored action is its argmax Q."""
+    path, model, tok = tiny
+    data.collect('Carnival', str(tmp_path), steps=5, ckpt_size=5, policy=path)
+    obs, act, _, _ = raw(str(tmp_path), 'Carnival', 1, 0)
+    task = torch.tensor([task_id('Carnival')] * 5)
+    with torch.no_grad():
+        h = model(tok.encode(torch.from_numpy(obs).float().div(255)[:, None]), task)  # (5, 36, E)
+        greedy = model.q_values(h[:, -1], task).argmax(-1)  # (5,) full ids
+    assert [VALID_ACTIONS['Carnival'][a] for a in act] == greedy.tolist()
