@@ -81,6 +81,11 @@ class JOWAConfig:
         return self.tokens_per_block * self.max_blocks
 
 
+# fields fixed once a model is built: a checkpoint's values win over the command line for these
+ARCH_FIELDS = ('preset', 'n_layer', 'n_head', 'n_embd', 'q_hidden', 'num_q', 'dropout', 'q_dropout', 'obs_tokens',
+               'max_blocks', 'obs_vocab', 'num_actions', 'num_tasks', 'tok_ch', 'tok_embed_dim', 'num_atoms',
+               'v_min', 'v_max')
+
 # the official sizes (B§2.1); 'tiny' is for CPU tests and demos
 PRESETS = {
     '40M': dict(n_layer=4, n_head=8, n_embd=512, q_hidden=768, num_q=1),
@@ -556,7 +561,7 @@ def _torch_load(path):
 def load_official(tokenizer_sd, jowa_sd, cfg=None):
     """Official state dicts (any prefix) -> (cfg, model, tokenizer). cfg defaults to the matching preset."""
     from tokenizer import Tokenizer, convert_official_tokenizer
-    sd = convert_official_jowa(jowa_sd)
+    sd = convert_official_jowa(jowa_sd)  # a no-op on an already converted dict
     cfg = cfg or config_from_official(sd)
     model = JOWA(cfg)
     load_state(model, sd, 'JOWA checkpoint')
@@ -565,9 +570,10 @@ def load_official(tokenizer_sd, jowa_sd, cfg=None):
     return cfg, model, tokenizer
 
 
-def load_checkpoint(path, **overrides):
+def load_checkpoint(path, cfg=None, **overrides):
     """Our ckpt.pt, or the official pair given as 'tokenizer.pt,JOWA_40M.pt' or a directory holding both.
-    Returns (cfg, model, tokenizer) in eval mode on the CPU; overrides apply to plan/eval fields of cfg."""
+    Returns (cfg, model, tokenizer) in eval mode on the CPU. overrides (plan / eval / loss fields) are applied
+    before the model is built; cfg sizes an official pair that matches no preset (e.g. a test model)."""
     from tokenizer import Tokenizer
     paths = path.split(',')
     if len(paths) == 1 and os.path.isdir(path):
@@ -576,17 +582,15 @@ def load_checkpoint(path, **overrides):
             raise FileNotFoundError(f"no JOWA_<size>.pt in directory {path}")
         paths = [os.path.join(path, 'tokenizer.pt'), os.path.join(path, files[-1])]
     if len(paths) == 2:
-        cfg, model, tokenizer = load_official(_torch_load(paths[0]), _torch_load(paths[1]))
-        for k, v in overrides.items():
-            setattr(cfg, k, v)
+        jowa_sd = convert_official_jowa(_torch_load(paths[1]))
+        cfg = JOWAConfig(**{**asdict(cfg), **overrides}) if cfg else config_from_official(jowa_sd, **overrides)
+        cfg, model, tokenizer = load_official(_torch_load(paths[0]), jowa_sd, cfg)
     else:
         ckpt = _torch_load(path)
         if not isinstance(ckpt, dict) or not {'config', 'model', 'tokenizer'} <= set(ckpt):
             raise ValueError(f"{path} is not a JOWA checkpoint (expected keys config, model, tokenizer)")
         known = {f.name for f in fields(JOWAConfig)}
-        cfg = JOWAConfig(**{k: v for k, v in ckpt['config'].items() if k in known})
-        for k, v in overrides.items():
-            setattr(cfg, k, v)
+        cfg = JOWAConfig(**{**{k: v for k, v in ckpt['config'].items() if k in known}, **overrides})
         model, tokenizer = JOWA(cfg), Tokenizer(cfg)
         load_state(model, ckpt['model'], f'{path} (model)')
         tokenizer.load_state_dict(ckpt['tokenizer'], strict=False)  # LPIPS weights may be absent

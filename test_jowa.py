@@ -7,18 +7,23 @@ JOWA tests: CPU, tiny configs, the official fixtures (../shared/fixtures), real 
 import cv2
 import gymnasium as gym
 import gzip
+import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import numpy as np
 import os
 import pytest
+import runpy
 import subprocess
 import sys
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+import types
 import warnings
-
+from dataclasses import asdict
 
 from model import (JOWA, KVCache, PRESETS, c51_project, configure_optimizer, convert_official_jowa, load_state,
                    make_config, num_params, parse_args, save_checkpoint, task_id, action_mask)
@@ -27,6 +32,14 @@ from model import make_config
 from tokenizer import Tokenizer, convert_official_tokenizer, load_lpips_weights, tokenizer_from_official
 import data
 from model import VALID_ACTIONS, make_config, task_id
+from model import JOWA, VALID_ACTIONS, convert_official_jowa, load_state, make_config, save_checkpoint, task_id
+from plan import Planner, make_context
+from model import VALID_ACTIONS, JOWA, JOWAConfig
+from tokenizer import Tokenizer
+import evaluate
+import finetune
+import model as M
+from model import JOWA, make_config, save_checkpoint, task_id
 
 
 # ==============================================================================================================
@@ -824,3 +837,722 @@ def test_collect_with_checkpoint_policy(tiny, tmp_path):
         h = model(tok.encode(torch.from_numpy(obs).float().div(255)[:, None]), task)  # (5, 36, E)
         greedy = model.q_values(h[:, -1], task).argmax(-1)  # (5,) full ids
     assert [VALID_ACTIONS['Carnival'][a] for a in act] == greedy.tolist()
+
+
+# ==============================================================================================================
+# plan
+# ==============================================================================================================
+
+@pytest.fixture(scope='module')
+def official(fx):  # the fixture's tiny JOWA in official weights
+    cfg = make_config('tiny', obs_vocab=2048, tok_ch=64, tok_embed_dim=512)
+    model = JOWA(cfg)
+    load_state(model, convert_official_jowa(fx['jowa_state_dict']), 'fixture')
+    return model.eval()
+
+
+def fixture_context(fx):
+    ctx = fx['planning']['context_tokens']  # (1, 221): 6 blocks of row 1 without the last action
+    return ctx, torch.tensor([ctx.shape[1]]), fx['inputs']['batch']['envs'][1:2]
+
+
+def assert_q_equal(q, ref):  # same -inf pattern (invalid actions), close finite values
+    assert torch.equal(torch.isinf(q), torch.isinf(ref))
+    assert torch.allclose(q[~torch.isinf(q)], ref[~torch.isinf(ref)], atol=1e-4)
+
+
+# --- the official planner's outputs (fixture) -------------------------------------------------------------------
+
+def test_greedy_matches_official(fx, official):
+    out = Planner(official)(*fixture_context(fx), horizon=0)
+    assert torch.equal(out['action'], fx['planning']['greedy']['action'])
+    assert_q_equal(out['q'], fx['planning']['greedy']['critic'])
+
+
+@pytest.mark.parametrize('K', [2, 4])
+def test_beam_search_matches_official_trace(fx, official, K):
+    ref = fx['planning'][f'beam_{K}x2']
+    out = Planner(official)(*fixture_context(fx), beam=K, horizon=2, trace=True)
+    assert torch.equal(out['action'], ref['action'])
+    assert ref['trace'][0]['call'] == 'reset'
+    assert_q_equal(out['q'], ref['trace'][0]['critic'])
+    steps = ref['trace'][1:]
+    assert len(steps) == len(out['trace']) == 2
+    for ours, theirs in zip(out['trace'], steps):  # every world-model call, candidates in the official order
+        v = ours['valid'][0]
+        assert torch.equal(ours['actions'][0][v], theirs['actions'])
+        assert torch.equal(ours['rewards'][0][v], theirs['rewards'].float())
+        assert torch.equal(ours['ends'][0][v].bool(), theirs['ends'])
+        assert torch.equal(ours['obs'][0][v], theirs['obs_tokens'])
+        assert_q_equal(ours['q'][0][v], theirs['critic'])
+
+
+def test_greedy_q_equals_root_q_of_the_cached_prefill(fx, official):
+    # H = 0 is one full forward; H > 0 prefills a KV cache: both must read the same root Q
+    ctx = fixture_context(fx)
+    q0, q2 = Planner(official)(*ctx, horizon=0)['q'], Planner(official)(*ctx, beam=2, horizon=2)['q']
+    assert_q_equal(q0, q2)
+
+
+# --- batching --------------------------------------------------------------------------------------------------
+
+def mixed_batch(fx):
+    """4 environments: other games, context lengths (6, 3, 1, 5 blocks) and widths, one with K > #valid."""
+    tok = fx['inputs']['tokens']  # (2, 296)
+    rows = [(tok[1], 6, 'SpaceInvaders', 2), (tok[0], 3, 'Assault', 3), (tok[1], 1, 'Atlantis', 5),
+            (tok[0], 5, 'Pong', 4)]  # (tokens, blocks, game, K)
+    T = max(n for _, n, _, _ in rows) * 37 - 1
+    ctx = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, (t, n, _, _) in enumerate(rows):
+        ctx[i, :n * 37 - 1] = t[:n * 37 - 1]
+    lens = torch.tensor([n * 37 - 1 for _, n, _, _ in rows])
+    return ctx, lens, torch.tensor([task_id(g) for _, _, g, _ in rows]), torch.tensor([k for *_, k in rows])
+
+
+def test_batched_planner_equals_single_calls(fx, official):
+    ctx, lens, tasks, K = mixed_batch(fx)
+    planner = Planner(official)
+    batch = planner(ctx, lens, tasks, beam=K, horizon=2)
+    for i in range(len(ctx)):
+        one = planner(ctx[i:i + 1, :lens[i]], lens[i:i + 1], tasks[i:i + 1], beam=int(K[i]), horizon=2)
+        for k in ('action', 'actions', 'rewards', 'obs'):
+            assert torch.equal(batch[k][i], one[k][0]), (i, k)
+        assert torch.allclose(batch['value'][i], one['value'][0], atol=1e-5)
+    assert official.valid[tasks[2]][batch['actions'][2]].all()  # K = 5 > 4 valid actions of Atlantis: still valid
+
+
+def naive_beam_search(model, ctx, task, K, H):
+    """B§7.2/7.3 spelled out: Python lists of nodes, every token by a full forward of the whole window, no cache."""
+    def last_hidden(tokens):
+        return model(tokens[None], task[None])[0, -1]
+
+    def world_step(tokens, a):
+        tokens = torch.cat([tokens, torch.tensor([a])])
+        h = last_hidden(tokens)
+        r = model.head_rew(h).argmax().item() - 1
+        for _ in range(36):
+            tokens = torch.cat([tokens, model.head_obs(h).argmax().view(1)])
+            h = last_hidden(tokens)
+        return tokens, r, model.q_values(h[None], task[None])[0]
+
+    k_eff, gamma = min(K, int(model.valid[task].sum())), model.cfg.gamma
+    beam = [(0.0, ctx, model.q_values(last_hidden(ctx)[None], task[None])[0], None)]  # (return, tokens, Q, a_1)
+    for d in range(1, H + 1):
+        children = []
+        for ret, tokens, q, first in beam:
+            for a in q.topk(k_eff).indices.tolist():
+                t, r, qn = world_step(tokens, a)
+                children.append((ret + gamma ** (d - 1) * r + gamma ** d * qn.max().item(), ret + gamma ** (d - 1) * r,
+                                 t, qn, a if first is None else first))
+        children.sort(key=lambda c: -c[0])
+        beam = [c[1:] for c in children[:K]]
+        best = children[0]
+    return best[-1], best[0]
+
+
+@pytest.mark.parametrize('n, game, K, H', [(2, 'Assault', 3, 2), (3, 'SpaceInvaders', 2, 3)])
+def test_planner_equals_naive_beam_search(fx, official, n, game, K, H):
+    ctx, task = fx['inputs']['tokens'][1, :n * 37 - 1], torch.tensor(task_id(game))
+    with torch.no_grad():
+        action, value = naive_beam_search(official, ctx, task, K, H)
+    out = Planner(official)(ctx[None], torch.tensor([len(ctx)]), task[None], beam=K, horizon=H)
+    assert out['action'].item() == action
+    assert out['value'].item() == pytest.approx(value, abs=1e-4)
+
+
+def test_make_context_layout():
+    obs, act = torch.arange(2 * 3 * 36).view(2, 3, 36), torch.tensor([[1, 2, 3], [4, 5, 6]])
+    ctx = make_context(obs, act)
+    assert ctx.shape == (2, 3 * 37 - 1)
+    assert torch.equal(ctx[:, 36], act[:, 0]) and torch.equal(ctx[:, 73], act[:, 1])
+    assert torch.equal(ctx[:, -36:], obs[:, -1])
+
+
+def test_context_too_long_for_the_horizon_is_an_error(fx, official):
+    ctx = fx['inputs']['tokens'][:1, :7 * 37 - 1]
+    with pytest.raises(ValueError, match='no room'):
+        Planner(official)(ctx, torch.tensor([ctx.shape[1]]), torch.tensor([3]), beam=2, horizon=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('freeze', [False, True])
+def test_compiled_planner_equals_eager(fx, official, freeze):
+    ctx, lens, tasks, K = mixed_batch(fx)
+    ctx, lens, tasks, K = ctx[:3], lens[:3], tasks[:3], K[:3]  # 3 rows: also exercises the power-of-two padding
+    eager = Planner(official)(ctx, lens, tasks, beam=K, horizon=2, trace=True)
+    compiled = Planner(official, compile=True, freeze=freeze)(ctx, lens, tasks, beam=K, horizon=2, trace=True)
+    for k in ('action', 'actions', 'rewards', 'obs'):
+        assert torch.equal(eager[k], compiled[k]), k
+    assert torch.allclose(eager['value'], compiled['value'], atol=1e-5)
+    for a, b in zip(eager['trace'], compiled['trace']):
+        assert torch.equal(a['obs'], b['obs']) and torch.allclose(a['score'], b['score'], atol=1e-5)
+
+
+# --- a hand-built world model: beam search finds the 2-step path that greedy misses -----------------------------
+
+def toy_world_model():
+    """A tiny JOWA whose blocks add nothing, so the hidden state at a token is LayerNorm(its one-hot embedding):
+    action a and obs token 100+a both light up channel a. The state after action a is 'a' (all 36 obs tokens 100+a).
+    Reward +1 only for action 4; Q is a table over (state, action)."""
+    torch.manual_seed(0)
+    cfg = make_config('tiny')
+    m = JOWA(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        m.ln_f.weight.fill_(1)
+        for a in range(18):
+            m.act_emb.weight[a, a] = m.obs_emb.weight[100 + a, a] = 1
+        for head in (m.head_obs, m.head_rew):
+            head[0].weight.copy_(torch.eye(cfg.n_embd))  # ReLU keeps only the lit channel
+        for a in range(18):
+            m.head_obs[2].weight[100 + a, a] = 1  # next obs token 100 + a: the state remembers the action
+        m.head_rew[2].weight[1, :18] = 1  # reward class 1 (r = 0) ...
+        m.head_rew[2].weight[2, 4] = 2  # ... except class 2 (r = +1) after action 4
+    Q = torch.zeros(18, 18)
+    Q[17, 0], Q[17, 3] = 1.0, 0.9  # root state 17: greedy takes action 0
+    Q[0, 0], Q[0, 1] = 0.5, 0.4
+    Q[3, 4] = 0.6  # after action 3, action 4 earns +1
+    m.q_values = lambda h, tasks: Q[h[..., :18].argmax(-1)].masked_fill(~m.valid[tasks], float('-inf'))
+    return m
+
+
+def test_beam_search_finds_the_better_two_step_path():
+    m = toy_world_model()
+    ctx, lens, tasks = torch.full((1, 36), 117), torch.tensor([36]), torch.tensor([task_id('Seaquest')])  # 18 actions
+    planner = Planner(m)
+    assert planner(ctx, lens, tasks, horizon=0)['action'].item() == 0
+    out = planner(ctx, lens, tasks, beam=2, horizon=2)
+    assert out['action'].item() == 3
+    assert out['actions'].tolist() == [[3, 4]] and out['rewards'].tolist() == [[0.0, 1.0]]
+    assert (out['obs'][0, 0] == 103).all() and (out['obs'][0, 1] == 104).all()
+    assert torch.allclose(out['value'], torch.tensor([0.99 * 1.0]))  # gamma * r_2 + gamma^2 * max Q(state 4) = 0
+    # beam 1 follows the critic at depth 1 and misses it
+    assert planner(ctx, lens, tasks, beam=1, horizon=2)['action'].item() == 0
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------
+
+def test_vector_env_frames_equal_gymnasium():
+    from evaluate import Envs
+    for game in ('Pong', 'Carnival'):  # Carnival's screen is 214 x 160, the others 210 x 160
+        vec, gym = Envs(game, [0, 1], vector=True), Envs(game, [0, 1], vector=False)
+        assert np.array_equal(vec.frames, gym.frames)
+        rng = np.random.default_rng(0)
+        valid = np.array(VALID_ACTIONS[game])
+        for t in range(120):
+            a = rng.choice(valid, 2)
+            rv, tv = vec.step(a, np.ones(2, dtype=bool))
+            rg, tg = gym.step(a, np.ones(2, dtype=bool))
+            assert np.array_equal(vec.frames, gym.frames), (game, t)
+            assert np.array_equal(rv, rg) and np.array_equal(tv, tg), (game, t)
+        vec.close(), gym.close()
+
+
+@pytest.fixture(scope='module')
+def tiny_eval():
+    from tokenizer import Tokenizer
+    torch.manual_seed(0)
+    cfg = make_config('tiny', max_steps=4)
+    return cfg, JOWA(cfg).eval(), Tokenizer(cfg).eval()
+
+
+def test_evaluate_plays_episodes(tiny_eval, tmp_path):
+    from evaluate import evaluate
+    cfg, model, tok = tiny_eval
+    video = str(tmp_path / 'ep.npy')
+    out = evaluate(model, tok, cfg, ['Pong', 'MsPacman'], 2, plan=True, video=video)
+    assert set(out) == {'Pong', 'MsPacman'} and all(len(r) == 2 for r in out.values())
+    assert np.load(video).shape == (4, 84, 84)  # one frame per agent step of rollout 0
+    out = evaluate(model, tok, cfg, ['Pong'], 3, plan=False, batch=2, vector=False)
+    assert len(out['Pong']) == 3
+
+
+def test_evaluate_command_line(tiny_eval, tmp_path):
+    from evaluate import main
+    from dataclasses import asdict
+    cfg, model, tok = tiny_eval
+    ckpt = str(tmp_path / 'ckpt.pt')
+    save_checkpoint(dict(config=asdict(cfg), model=model.state_dict(), tokenizer=tok.state_dict()), ckpt)
+    out = str(tmp_path / 'scores.json')
+    main([f'--ckpt={ckpt}', '--games=Pong', '--episodes=2', '--max_steps=3', '--no-plan', f'--out={out}'])
+    res = json.load(open(out))
+    assert len(res['returns']['Pong']) == 2 and res['plan'] is False and 'iqm_hns' in res['summary']
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--games=Pongg'], 'unknown game'),
+    (['--games=Pong,Breakout'], 'no action mask'),
+    (['--games=Pong', '--ckpt=missing.pt'], 'not found'),
+])
+def test_evaluate_bad_input_is_one_line_error(argv, message, tmp_path):
+    from evaluate import main
+    argv = argv if any(a.startswith('--ckpt') for a in argv) else argv + ['--ckpt=missing.pt']
+    with pytest.raises(SystemExit, match=f'^error: .*{message}'):
+        main(argv)
+
+
+def test_checkpoint_that_does_not_fit_is_one_line_error(tiny_eval, tmp_path):
+    from evaluate import main
+    from dataclasses import asdict
+    cfg, model, tok = tiny_eval
+    sd = model.state_dict()
+    sd['pos_emb.weight'] = sd['pos_emb.weight'][:10]
+    ckpt = str(tmp_path / 'bad.pt')
+    torch.save(dict(config=asdict(cfg), model=sd, tokenizer=tok.state_dict()), ckpt)
+    with pytest.raises(SystemExit, match='^error: .*does not fit'):
+        main([f'--ckpt={ckpt}', '--games=Pong'])
+
+
+def test_iqm_is_the_trimmed_mean():
+    from evaluate import iqm
+    x = np.arange(15.0)[::-1] ** 2  # 15 games: drop 3 lowest and 3 highest
+    assert iqm(x) == pytest.approx(np.mean(np.sort(x)[3:12]))
+    assert iqm([1.0, 2.0, 3.0, 100.0]) == pytest.approx(2.5)
+
+
+# ==============================================================================================================
+# train
+# ==============================================================================================================
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TINY = ['--preset=tiny', '--games=Pong,Assault', '--batch_size=4', '--micro_batch=2', '--tok_batch=4',
+        '--log_interval=1', '--ckpt_interval=1']
+
+
+@pytest.fixture(scope='module')
+def train_data(tmp_path_factory):
+    """Two games of 60 random frames in DQN-Replay files (an episode ends every 20 steps), processed by data.py."""
+    root, out = tmp_path_factory.mktemp('replay'), tmp_path_factory.mktemp('processed')
+    rng = np.random.default_rng(0)
+    for game in ('Pong', 'Assault'):
+        n = 60
+        arrays = dict(observation=rng.integers(0, 256, (n, 84, 84), dtype=np.uint8),
+                      action=rng.integers(0, len(VALID_ACTIONS[game]), n).astype(np.int32),
+                      reward=rng.choice([-1.0, 0.0, 1.0], n).astype(np.float32),
+                      terminal=(np.arange(n) % 20 == 19).astype(np.uint8))
+        os.makedirs(os.path.join(root, game, '1', 'replay_logs'))
+        for name, x in arrays.items():
+            with gzip.open(data.replay_path(str(root), game, 1, 0, name), 'wb') as f:
+                np.save(f, x)
+        data.process_game(str(root), str(out), game, [1], [0], fraction=1.0)
+    return str(out)
+
+
+def run_train(*flags, nproc=1, check=True):
+    """Run train.py (torchrun with nproc > 1); one thread per process so that runs compare bit for bit."""
+    cmd = [sys.executable, 'train.py'] if nproc == 1 else \
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'train.py']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    p = subprocess.run(cmd + list(flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def load_ckpt(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
+
+
+def assert_same_weights(a, b, atol=0.0):
+    for part in ('model', 'tokenizer'):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            diff = (a[part][k].double() - b[part][k].double()).abs().max().item()
+            assert diff <= atol, f"{part} {k} differs by {diff}"
+
+
+def assert_equal_tree(a, b, path='ckpt'):
+    """Nested dicts / lists / tensors / numbers equal exactly."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_equal_tree(a[k], b[k], f'{path}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_tree(x, y, f'{path}[{i}]')
+    else:
+        assert a == b, path
+
+
+TRAINING_STATE = ('step', 'stage', 'model', 'tokenizer', 'optimizer', 'tok_optimizer', 'samplers', 'rng')
+
+
+def test_batch_must_divide(tmp_path):
+    p = run_train('--batch_size=6', '--micro_batch=4', f'--out_dir={tmp_path}', check=False)
+    assert p.returncode != 0 and 'batch_size=6 must be a multiple of micro_batch=4' in p.stdout + p.stderr
+    p = run_train('--resume', f'--out_dir={tmp_path}', check=False)
+    assert p.returncode != 0 and 'no checkpoint' in p.stdout + p.stderr
+
+
+def test_nonfinite_loss_keeps_last_good_checkpoint(train_data, tmp_path):
+    flags = [*TINY, f'--data_dir={train_data}', f'--out_dir={tmp_path}', '--stage1_steps=0', '--stage2_steps=4']
+    run_train(*flags, '--stop_at=2')
+    ckpt = os.path.join(tmp_path, 'ckpt.pt')
+    digest = hashlib.sha256(open(ckpt, 'rb').read()).hexdigest()
+    p = run_train(*flags, '--resume', '--lr_world2=1e999', check=False)  # an infinite lr: weights blow up at step 3
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and 'non-finite loss or parameters detected at step 3' in out, out[-3000:]
+    assert 'last good checkpoint' in out and '(step 2) is kept' in out
+    assert hashlib.sha256(open(ckpt, 'rb').read()).hexdigest() == digest  # never overwritten by the bad state
+    good = load_ckpt(tmp_path)
+    assert good['step'] == 2 and all(torch.isfinite(v).all() for v in good['model'].values())
+
+
+def test_resume_is_exact(train_data, tmp_path):
+    """Stage 2 with dropout on: stop at step 2, resume; weights, optimizer and data streams equal an uninterrupted run."""
+    flags = [*TINY, f'--data_dir={train_data}', '--stage1_steps=0', '--stage2_steps=4']
+    run_train(*flags, f'--out_dir={tmp_path}/full')
+    run_train(*flags, f'--out_dir={tmp_path}/cut', '--stop_at=2')
+    assert load_ckpt(f'{tmp_path}/cut')['step'] == 2
+    run_train(f'--out_dir={tmp_path}/cut', '--resume')  # config and settings come from the checkpoint
+    a, b = load_ckpt(f'{tmp_path}/full'), load_ckpt(f'{tmp_path}/cut')
+    assert a['step'] == b['step'] == 4
+    for k in TRAINING_STATE:  # weights, both optimizers, data streams, RNG states
+        assert_equal_tree(a[k], b[k], k)
+
+
+@pytest.mark.slow
+def test_resume_across_stage_switch(train_data, tmp_path):
+    """Stop inside stage 1 and right at the switch (a checkpoint holding the stage-1 optimizer), resume twice."""
+    flags = [*TINY, f'--data_dir={train_data}', '--stage1_steps=2', '--stage2_steps=2']
+    run_train(*flags, f'--out_dir={tmp_path}/full')
+    run_train(*flags, f'--out_dir={tmp_path}/cut', '--stop_at=1')
+    run_train(f'--out_dir={tmp_path}/cut', '--resume', '--stop_at=2')
+    run_train(f'--out_dir={tmp_path}/cut', '--resume')
+    a, b = load_ckpt(f'{tmp_path}/full'), load_ckpt(f'{tmp_path}/cut')
+    for k in TRAINING_STATE:
+        assert_equal_tree(a[k], b[k], k)
+
+
+def param_checksums(ckpt):
+    """Per-parameter sums in the order train.py takes them (JOWA parameters, then the tokenizer's trainable ones)."""
+    cfg = JOWAConfig(**ckpt['config'])
+    model, tok = JOWA(cfg), Tokenizer(cfg)
+    model.load_state_dict(ckpt['model'])
+    tok.load_state_dict(ckpt['tokenizer'])
+    return torch.stack([p.detach().double().sum() for p in list(model.parameters()) + tok.trainable_parameters()])
+
+
+@pytest.mark.slow
+def test_ddp_replicas_identical_and_gradients_averaged(train_data, tmp_path):
+    """2 ranks x 2 segments == 1 process x 2 micro-steps of 2 segments: each (rank, micro-step) has its own data
+    stream, so both runs see the same global batches; equal weights prove the gradients were averaged over ranks.
+    Dropout off (the ranks' dropout streams differ from the single process's). Then a DDP kill-and-resume."""
+    flags = [*TINY, f'--data_dir={train_data}', '--stage1_steps=2', '--stage2_steps=2', '--dropout=0.0',
+             '--q_dropout=0.0']
+    p = run_train(*flags, f'--out_dir={tmp_path}/ddp', nproc=2)
+    assert '2 rank(s) on cpu' in p.stdout and '1 micro-step(s)' in p.stdout
+    run_train(*flags, f'--out_dir={tmp_path}/single')
+    ddp, single = load_ckpt(f'{tmp_path}/ddp'), load_ckpt(f'{tmp_path}/single')
+    assert_same_weights(ddp, single, atol=1e-6)
+    assert len(ddp['replica_checksums']) == 2 and len(ddp['rng']) == 2 and len(ddp['samplers']) == 2
+    assert torch.equal(ddp['replica_checksums'][0], ddp['replica_checksums'][1])  # rank 1 == rank 0 ...
+    assert torch.equal(ddp['replica_checksums'][0], param_checksums(ddp))  # ... == the saved weights
+    # DDP kill-and-resume: every rank gets its own RNG and data streams back
+    run_train(*flags, f'--out_dir={tmp_path}/cut', '--stop_at=3', nproc=2)
+    run_train(f'--out_dir={tmp_path}/cut', '--resume', nproc=2)
+    cut = load_ckpt(f'{tmp_path}/cut')
+    for k in TRAINING_STATE:
+        assert_equal_tree(ddp[k], cut[k], k)
+
+
+@pytest.mark.slow
+def test_demo_smoke(tmp_path):
+    """The demo path on one real game, shortened: collect, process, both stages, evaluation table."""
+    p = run_train('--demo', f'--data_dir={tmp_path}/processed', f'--out_dir={tmp_path}/out', '--games=Berzerk',
+              '--eval_games=Berzerk', '--demo_steps=500', '--stage1_steps=2', '--stage2_steps=2', '--eval_interval=4',
+              '--eval_episodes=1', '--eval_max_steps=30')
+    assert 'stage 2, tokenizer frozen' in p.stdout and 'evaluation at step 4' in p.stdout
+    assert any(line.split()[:2] == ['Berzerk', '1'] for line in p.stdout.splitlines())
+    assert load_ckpt(f'{tmp_path}/out')['step'] == 4
+
+
+# ==============================================================================================================
+# finetune
+# ==============================================================================================================
+
+PONG = task_id('Pong')
+
+
+class GreyTokenizer(nn.Module):
+    """Cheap tokenizer: a frame's 6x6 average pool on the 8-bit grey scale (tokens 0..255); decode paints each token's
+    grey level back on its 14x14 cell, so encode(decode(t)) == t. One trainable scale for --train_tokenizer."""
+
+    def __init__(self, vocab=512):
+        super().__init__()
+        self.vocab, self.scale = vocab, nn.Parameter(torch.ones(()))
+        self.lpips = types.SimpleNamespace(source='none needed')  # for load_lpips_weights
+
+    def encode(self, x):
+        p = F.adaptive_avg_pool2d(x.reshape(-1, 1, 84, 84), 6).flatten(1)
+        return (p * 255).round().long().clamp(0, 255).view(*x.shape[:-3], 36)
+
+    def decode(self, t):
+        img = (t.float().clamp(max=255) / 255).reshape(-1, 1, 6, 6)
+        return F.interpolate(img, scale_factor=14, mode='nearest').view(*t.shape[:-1], 1, 84, 84)
+
+    def trainable_parameters(self):
+        return [self.scale]
+
+    def compute_loss(self, x):
+        loss = (self.decode(self.encode(x)) * self.scale - x).pow(2).mean()
+        return loss, dict(reconstruction=loss.detach())
+
+
+@pytest.fixture(scope='module')
+def pong_replay(tmp_path_factory):
+    """1500 steps of random real Pong (one full episode) in DQN-Replay format, 3 checkpoint files."""
+    root = str(tmp_path_factory.mktemp('replay'))
+    data.collect('Pong', root, steps=1500, run=1, ckpt_size=500, seed=0)
+    return root
+
+
+@pytest.fixture(scope='module')
+def pong_processed(pong_replay, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('pong_processed'))
+    data.process_game(pong_replay, out, 'Pong', [1], [0, 1, 2], fraction=1.0, stride=1)
+    return out
+
+
+@pytest.fixture(scope='module')
+def tiny_ckpt(tmp_path_factory):
+    """A random-init tiny checkpoint (no dropout: fast and deterministic) in our ckpt.pt format."""
+    cfg = make_config('tiny', dropout=0.0, device='cpu')
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp('init') / 'ckpt.pt')
+    save_checkpoint(dict(config=asdict(cfg), model=JOWA(cfg).state_dict(), tokenizer={}), path)
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """Two threads on a loaded 2-core machine are several times slower than one for these tiny models."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def grey_tokenizer(monkeypatch, one_thread):
+    """finetune.py loads checkpoints as usual but gets the cheap tokenizer (the slow test runs the real one)."""
+    def load(path, **kw):
+        cfg, model, _ = M.load_checkpoint(path, **kw)
+        return cfg, model, GreyTokenizer(cfg.obs_vocab)
+    monkeypatch.setattr(finetune, 'load_checkpoint', load)
+
+
+def finetune_run(init, data_dir, out, *extra):
+    return finetune.finetune([f'--init={init}', '--game=Pong', f'--data={data_dir}', f'--out_dir={out}', '--device=cpu',
+                              '--batch_size=8', '--imagine_batch=8', '--eval_episodes=0', '--log_interval=1', *extra])
+
+
+def segments(B=4, T=8):
+    g = torch.Generator().manual_seed(0)
+    return dict(observations=torch.randint(0, 256, (B, T, 1, 84, 84), generator=g).float() / 255,
+                actions=torch.randint(0, 18, (B, T), generator=g), rewards=torch.arange(T).float().repeat(B, 1) / 10,
+                ends=torch.zeros(B, T, dtype=torch.long), mask_padding=torch.ones(B, T, dtype=torch.bool),
+                envs=torch.full((B,), PONG))
+
+# -----------------------------------------------------------------------------
+# imagined segments
+
+
+def test_imagined_segment_layout_with_stub_planner():
+    b = segments()
+    b['mask_padding'][1, 6:] = False  # padded at the end: not eligible
+    b['ends'][2, 7] = 1               # last real step terminal: not eligible
+    b['mask_padding'][3, 0] = False   # slot 0 padded only: still eligible (the last 6 steps are real)
+    tok, seen = GreyTokenizer(), {}
+
+    def planner(ctx, ctx_len, tasks, beam, horizon):
+        seen.update(ctx=ctx, ctx_len=ctx_len, tasks=tasks, beam=beam, horizon=horizon)
+        N = len(tasks)
+        return dict(actions=torch.tensor([[11, 12]]).repeat(N, 1), rewards=torch.tensor([[1., -1.]]).repeat(N, 1),
+                    obs=torch.stack([torch.full((N, 36), 100), torch.full((N, 36), 200)], 1))
+    seg = finetune.imagine(planner, tok, b, horizon=2, beam=2)
+    ok = torch.tensor([0, 3])
+    O, A, R = b['observations'][ok], b['actions'][ok], b['rewards'][ok]
+    # the planner starts from the last 6 real blocks, the context ends with O7's tokens (A7 dropped)
+    assert seen['beam'] == 2 and seen['horizon'] == 2 and seen['tasks'].tolist() == [PONG, PONG]
+    assert torch.equal(seen['ctx'], make_context(tok.encode(O[:, 2:]), A[:, 2:]))
+    assert seen['ctx'].shape[1] == 6 * 37 - 1 and seen['ctx_len'].tolist() == [221, 221]
+    assert torch.equal(seen['ctx'][:, -36:], tok.encode(O[:, 7]))
+    # frames O2..O7, o1, o2, all in [0, 1]
+    assert seg['observations'].shape == (2, 8, 1, 84, 84) and seg['observations'].dtype == torch.float32
+    assert torch.equal(seg['observations'][:, :6], O[:, 2:])
+    assert torch.equal(seg['observations'][:, 6], tok.decode(torch.full((2, 36), 100)))
+    assert torch.equal(seg['observations'][:, 7], tok.decode(torch.full((2, 36), 200)))
+    assert 0 <= seg['observations'].min() and seg['observations'].max() <= 1
+    # actions taken AT each slot's frame: A2..A6, then a1 at O7, a2 at o1, a2 again as the dummy at o2
+    assert torch.equal(seg['actions'], torch.cat([A[:, 2:7], torch.tensor([[11, 12, 12]]).repeat(2, 1)], 1))
+    assert torch.equal(seg['rewards'], torch.cat([R[:, 2:7], torch.tensor([[1., -1., 0.]]).repeat(2, 1)], 1))
+    assert seg['ends'].shape == seg['mask_padding'].shape == seg['rewards'].shape == seg['actions'].shape == (2, 8)
+    assert not seg['ends'].any() and seg['mask_padding'].all() and seg['real'].tolist() == [False, False]
+    assert seg['envs'].tolist() == [PONG, PONG]
+    assert finetune.imagine(planner, tok, {k: v[1:3] for k, v in b.items()}) is None  # nothing eligible
+    # the same from tokens (frozen tokenizer, token cache): imagined frames re-encoded
+    tb = dict(b, observations=tok.encode(b['observations']))
+    ts = finetune.imagine(planner, tok, tb, horizon=2, beam=2)
+    assert torch.equal(seen['ctx'], make_context(tok.encode(O[:, 2:]), A[:, 2:]))
+    assert torch.equal(ts['observations'], tok.encode(seg['observations']))
+    assert all(torch.equal(ts[k], seg[k]) for k in ('actions', 'rewards', 'ends', 'mask_padding', 'envs', 'real'))
+
+
+def test_imagined_segment_from_real_planner_with_overridden_heads(one_thread):
+    """Reward head fixed to class 2 (+1), obs head fixed to token 7: the planner's path lands in slots 5..7."""
+    cfg = make_config('tiny', dropout=0.0)
+    torch.manual_seed(0)
+    model = JOWA(cfg).eval()
+    with torch.no_grad():
+        for head, k in ((model.head_rew, 2), (model.head_obs, 7)):
+            head[2].weight.zero_()
+            head[2].bias.fill_(-10.0)
+            head[2].bias[k] = 10.0
+    tok, b = GreyTokenizer(cfg.obs_vocab), segments(3)
+    seg = finetune.imagine(Planner(model), tok, b, horizon=2, beam=2)
+    ctx = make_context(tok.encode(b['observations'][:, 2:]), b['actions'][:, 2:])
+    path = Planner(model)(ctx, torch.full((3,), ctx.shape[1]), b['envs'], beam=2, horizon=2)
+    a = path['actions']
+    assert torch.equal(seg['actions'][:, 5:], torch.stack([a[:, 0], a[:, 1], a[:, 1]], 1))
+    assert M.action_mask('Pong')[seg['actions'][:, 5:]].all()  # the game's own mask restricts the planner
+    assert seg['rewards'][:, 5:].tolist() == [[1., 1., 0.]] * 3
+    assert torch.equal(seg['observations'][:, 6:], tok.decode(torch.full((3, 2, 36), 7)))
+    assert torch.equal(tok.encode(seg['observations'][:, 6:]), torch.full((3, 2, 36), 7))
+
+
+def test_last_imagined_slot_has_no_td_term(one_thread):
+    """With mask all True and ends 0 the TD pairs are slots 0->1 .. 6->7: the dummy slot's action and reward do not
+    enter TD, the reward of o1's slot does."""
+    cfg = make_config('tiny', dropout=0.0, cql_weight=0.0)
+    torch.manual_seed(0)
+    model, tok = JOWA(cfg).eval(), GreyTokenizer(cfg.obs_vocab)
+    seg = finetune.imagine(Planner(model), tok, segments(2))
+
+    def td(**change):
+        b = {k: v.clone() for k, v in seg.items()}
+        for key, (slot, value) in change.items():
+            b[key][:, slot] += value
+        with torch.no_grad():
+            return model.compute_loss(b, tok)[1]['td']
+    base = td()
+    assert torch.equal(td(actions=(7, 1)), base) and torch.equal(td(rewards=(7, 0.5)), base)
+    assert not torch.equal(td(rewards=(6, 0.5)), base) and not torch.equal(td(rewards=(5, 0.5)), base)
+
+
+def test_replay_fifo_and_state():
+    rb = finetune.Replay(capacity=5, seed=0)
+    seg = lambda i, n: dict(observations=torch.full((n, 8, 1, 84, 84), i / 255), envs=torch.full((n,), i))
+    rb.push(seg(1, 3))
+    rb.push(seg(2, 3))  # wraps: one of the first push's segments survives
+    assert rb.size == 5 and rb.data['envs'].tolist() == [2, 1, 1, 2, 2]
+    rb2 = finetune.Replay(capacity=5, seed=1)
+    rb2.load_state_dict(rb.state_dict())
+    x, y = rb.sample(4), rb2.sample(4)
+    assert torch.equal(x['envs'], y['envs']) and torch.equal(x['observations'], y['observations'])
+    assert torch.allclose(x['observations'][:, 0, 0, 0, 0], x['envs'].float() / 255)  # back in [0, 1]
+
+# -----------------------------------------------------------------------------
+# fine-tuning runs on real Pong play
+
+
+def test_finetune_from_dqn_replay_lowers_the_loss(grey_tokenizer, pong_replay, tiny_ckpt, tmp_path):
+    out = finetune_run(tiny_ckpt, pong_replay, tmp_path, '--ckpts=0-2', '--transitions=0', '--imagine=False',
+                       '--steps=20', '--lr_world2=1e-3', '--lr_critic=1e-3')
+    meta = data.load_dataset(str(tmp_path / 'data'), ['Pong'])[0]  # processed from the DQN-Replay files, stride 1
+    assert meta['segments'] == meta['steps']
+    loss = [h['loss'] for h in out['history']]
+    assert len(loss) == 20 and np.isfinite(loss).all()
+    assert np.mean(loss[-5:]) < np.mean(loss[:5])
+    assert out['replay'].size == 0
+    saved = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert saved['step'] == 20 and saved['config']['world_weight'] == 0.5 and saved['config']['target_update'] == 1000
+
+
+def test_finetune_with_imagination_and_tokenizer_training(grey_tokenizer, pong_processed, tiny_ckpt, tmp_path):
+    out = finetune_run(tiny_ckpt, pong_processed, tmp_path, '--imagine_after=0', '--steps=3', '--train_tokenizer')
+    assert out['step'] == 3 and all(np.isfinite(h['loss']) for h in out['history'])
+    assert 0 < out['replay'].size <= 24 and not out['replay'].data['real'][:out['replay'].size].any()
+    assert out['replay'].data['observations'].dtype == torch.uint8
+    assert 'tokenizer' in out['history'][-1] and out['tokenizer'].scale.item() != 1.0
+
+
+def test_evaluation_keeps_the_best_snapshot(grey_tokenizer, pong_processed, tiny_ckpt, tmp_path, monkeypatch, capsys):
+    scores, calls = iter([-21.0, -19.0, -20.0]), []
+
+    def fake(model, tokenizer, cfg, games, episodes, plan=False, **kw):
+        inspect.signature(evaluate.evaluate).bind(model, tokenizer, cfg, games, episodes, plan=plan, **kw)  # real API
+        calls.append((model.training, cfg.context, games, episodes, plan))
+        return {games[0]: [next(scores)] * episodes}
+    monkeypatch.setattr(finetune, 'evaluate', fake)
+    finetune_run(tiny_ckpt, pong_processed, tmp_path, '--imagine=False', '--steps=6', '--eval_interval=2',
+                 '--eval_episodes=2')
+    assert calls == [(False, 8, ['Pong'], 2, False)] * 3
+    best = torch.load(tmp_path / 'best.pt', weights_only=True)
+    assert best['step'] == 4 and best['score'] == -19.0 and best['game'] == 'Pong'
+    M.load_checkpoint(str(tmp_path / 'best.pt'))  # a regular checkpoint
+    dns = M.normalized_score('Pong', -19.0, 'dqn')
+    assert f"best Pong score -19.0 at step 4, DNS {dns:.3f}" in capsys.readouterr().out
+
+
+def test_real_evaluation(grey_tokenizer, pong_processed, tiny_ckpt, tmp_path, capsys):
+    """evaluate.py's real loop on real Pong, cut at 30 agent steps."""
+    out = finetune_run(tiny_ckpt, pong_processed, tmp_path, '--imagine=False', '--steps=1', '--eval_episodes=1',
+                       '--max_steps=30')
+    assert out['best']['step'] == 1 and 'eval step 1: Pong mean return' in capsys.readouterr().out
+    assert torch.load(tmp_path / 'best.pt', weights_only=True)['score'] == out['best']['score']
+
+
+def test_resume_matches_an_uninterrupted_run(grey_tokenizer, pong_processed, tmp_path):
+    cfg = make_config('tiny', dropout=0.1)  # with dropout, the RNG state must resume too
+    init = str(tmp_path / 'init.pt')
+    save_checkpoint(dict(config=asdict(cfg), model=JOWA(cfg).state_dict(), tokenizer={}), init)
+    common = ('--imagine_after=2', '--target_update=2')
+    a = finetune_run(init, pong_processed, tmp_path / 'a', '--steps=5', *common)
+    finetune_run(init, pong_processed, tmp_path / 'b', '--steps=3', *common)
+    b = finetune.finetune([f'--out_dir={tmp_path / "b"}', '--resume', '--steps=5'])
+    assert b['step'] == 5 and [h['step'] for h in b['history']] == [4, 5]
+    for (k, x), y in zip(a['model'].state_dict().items(), b['model'].state_dict().values()):
+        assert torch.equal(x, y), k
+    n = a['replay'].size
+    assert n == b['replay'].size == 24
+    for k, v in a['replay'].data.items():
+        assert torch.equal(v[:n], b['replay'].data[k][:n]), k
+
+
+def test_errors(grey_tokenizer, pong_processed, tiny_ckpt, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match='unknown game'):
+        finetune_run(tiny_ckpt, pong_processed, tmp_path, '--game=Pongg')
+    with pytest.raises(FileNotFoundError, match='no data for Pong'):
+        finetune_run(tiny_ckpt, tmp_path / 'nothing', tmp_path)
+    with pytest.raises(ValueError, match='differs from the checkpoint'):
+        finetune_run(tiny_ckpt, pong_processed, tmp_path, '--n_layer=3')
+    with pytest.raises(FileNotFoundError, match='nothing to resume'):
+        finetune.finetune([f'--out_dir={tmp_path / "none"}', '--resume'])
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'not a checkpoint')
+    monkeypatch.setattr(sys, 'argv', ['finetune.py', f'--init={bad}', f'--data={pong_processed}'])
+    with pytest.raises(SystemExit) as e:  # the command line turns them into one line
+        runpy.run_path(finetune.__file__, run_name='__main__')
+    assert str(e.value).startswith('error: cannot read checkpoint') and '\n' not in str(e.value)
+
+
+@pytest.mark.slow
+def test_cli_with_the_real_tokenizer(pong_replay, tmp_path):
+    """End to end through the command line with the tiny real tokenizer, imagination and tokenizer training."""
+    from tokenizer import Tokenizer
+    cfg = make_config('tiny', tok_ch=8, tok_embed_dim=16)
+    save_checkpoint(dict(config=asdict(cfg), model=JOWA(cfg).state_dict(), tokenizer=Tokenizer(cfg).state_dict()),
+                    str(tmp_path / 'init.pt'))
+    r = subprocess.run([sys.executable, 'finetune.py', f'--init={tmp_path / "init.pt"}', '--game=Pong',
+                        f'--data={pong_replay}', f'--out_dir={tmp_path / "out"}', '--ckpts=0-2', '--device=cpu',
+                        '--batch_size=4', '--imagine_batch=4', '--imagine_after=1', '--steps=2', '--train_tokenizer',
+                        '--eval_episodes=0', '--log_interval=1'], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(finetune.__file__)))
+    assert r.returncode == 0, r.stderr
+    assert 'step 2 |' in r.stdout and 'tokenizer' in r.stdout
+    assert M.load_checkpoint(str(tmp_path / 'out' / 'ckpt.pt'))[0].world_weight == 0.5

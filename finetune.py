@@ -1,0 +1,297 @@
+"""
+Fine-tune a pretrained JOWA on one game (REFERENCE B§9 with the Part A fixes): batch 32, AdamW 5e-5, C51 TD + CQL
++ 0.5 x world loss, target copy every 1000 steps, the game's OWN task id and action mask in training and evaluation,
+tokenizer frozen (--train_tokenizer trains it, as the official code does). After a warm-up every step also imagines:
+a second batch is rolled H = 2 steps on by the beam-search planner (K = 2) from its last 8 - H real blocks, the new
+segments enter a FIFO replay (10 x the dataset's segments), and the step trains on half real, half replayed imagined
+segments. Evaluation every epoch without planning; the best snapshot is kept in best.pt (the paper reports it).
+
+    python finetune.py --init=out/ckpt.pt --game=Pong --data=replay         # DQN-Replay dir: 5k steps of the last 20%
+    python finetune.py --init=tokenizer.pt,JOWA_150M.pt --game=Pong --data=finetune   # processed dir (data.py process)
+    python finetune.py --out_dir=out/finetune --resume                        # continue exactly; flags given win
+
+Imagined segment (H = 2) from real steps O0..O7 (actions A, rewards R) and the planner's best path a1 r1 o1, a2 r2 o2:
+    slot     0   1   2   3   4   5   6   7
+    frame    O2  O3  O4  O5  O6  O7  o1  o2      o1, o2 decoded by the tokenizer, in [0, 1] like the real frames
+    action   A2  A3  A4  A5  A6  a1  a2  a2      the last a2 is a dummy (the official choice)
+    reward   R2  R3  R4  R5  R6  r1  r2  0
+ends 0, mask_padding True, real False. The TD pairs are then exactly the 7 transitions O2 -> ... -> O7 -> o1 -> o2:
+slot 7 has no successor in the window and is not terminal, so it gets no TD term (it still enters CQL with the dummy
+action, as officially). A segment is eligible if its last 8 - H steps are real and the last one is not terminal.
+"""
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+
+import data
+from evaluate import evaluate
+from model import (JOWAConfig, REF_SCORES, action_mask, configure_optimizer, load_checkpoint, normalized_score,
+                   parse_args, save_checkpoint, task_id)
+from plan import Planner, make_context
+from tokenizer import load_lpips_weights
+
+DEFAULTS = dict(init='', game='Pong', data='', out_dir='out/finetune', resume=False,
+                steps=50_000,           # gradient steps
+                transitions=5000,       # steps drawn from a DQN-Replay dir (0 = all of the chosen files)
+                ckpts='',               # DQN-Replay checkpoint files to draw from ('' = the last 20%: "expert" data)
+                imagine=True, imagine_after=20_000, imagine_batch=32, imagine_horizon=2, imagine_beam=2,
+                replay_factor=10,       # imagined-segment FIFO capacity, in dataset segments
+                train_tokenizer=False, tok_frames=128,  # official code: Adam 1e-4 on 128 real frames per step
+                eval_interval=0,        # steps between evaluations + checkpoints (0 = one epoch of the dataset)
+                eval_episodes=16, eval_seconds=180.0, log_interval=200)
+FINETUNE = dict(world_weight=0.5, batch_size=32, lr_world2=5e-5, lr_critic=5e-5, target_update=1000, context=8)
+FIXED = ('preset', 'n_layer', 'n_head', 'n_embd', 'q_hidden', 'num_q', 'dropout', 'q_dropout', 'obs_tokens',
+         'max_blocks', 'obs_vocab', 'num_actions', 'num_tasks', 'tok_ch', 'tok_embed_dim', 'num_atoms', 'v_min',
+         'v_max')  # built into the checkpoint's modules
+
+
+def prepare_data(src, game, out_dir, transitions, ckpts, seed=0):
+    """The processed folder to train on: src itself if it holds <game>/meta.json (data.py process), else src is a
+    DQN-Replay folder whose chosen checkpoint files are down-sampled into <out_dir>/data with stride-1 segments."""
+    if os.path.exists(os.path.join(src, game, 'meta.json')):
+        with open(os.path.join(src, game, 'meta.json')) as f:
+            stride = json.load(f)['stride']
+        if stride != 1:
+            print(f"note: {src}/{game} has stride-{stride} segments; the official fine-tuning uses stride 1")
+        return src
+    root = os.path.join(src, game)
+    runs = sorted(int(r) for r in os.listdir(root) if os.path.isdir(os.path.join(root, r, 'replay_logs'))) \
+        if src and os.path.isdir(root) else []
+    if not runs:
+        raise FileNotFoundError(f"no data for {game} under {src!r}: expected <data>/{game}/meta.json (processed) or "
+                                f"<data>/{game}/<run>/replay_logs (DQN-Replay)")
+    logs = [os.listdir(os.path.join(root, str(r), 'replay_logs')) for r in runs]
+    found = sorted(set.intersection(*[{int(f.split('.')[-2]) for f in files if f.startswith('$store$_terminal_')}
+                                      for files in logs]))  # checkpoint numbers present in every run
+    chosen = data.int_list(ckpts) if ckpts else found[len(found) - max(1, len(found) // 5):]
+    out, key = os.path.join(out_dir, 'data'), (1, runs, chosen, transitions)
+    if os.path.exists(os.path.join(out, game, 'meta.json')):  # reuse an identical earlier down-sampling (resume)
+        with open(os.path.join(out, game, 'meta.json')) as f:
+            m = json.load(f)
+        if (m['stride'], m['source']['runs'], m['source']['ckpts'], m['source']['transitions']) == key:
+            return out
+    data.process_game(src, out, game, runs, chosen, fraction=1.0, transitions=transitions, stride=1, seed=seed)
+    return out
+
+
+@torch.no_grad()
+def imagine(planner, tokenizer, batch, horizon=2, beam=2):
+    """B§7.5, aligned and normalised: roll every eligible segment of `batch` `horizon` steps on from its last T - H
+    real blocks; return the imagined segments (layout in the module docstring), or None if none is eligible.
+    Observations stay in the batch's form: frames in [0, 1], or tokens (the imagined frames re-encoded)."""
+    n = batch['actions'].shape[1] - horizon
+    ok = batch['mask_padding'][:, -n:].all(1) & (batch['ends'][:, -1] == 0)
+    if not ok.any():
+        return None
+    obs, act, rew = (batch[k][ok][:, -n:] for k in ('observations', 'actions', 'rewards'))
+    tasks = batch['envs'][ok]
+    frames = obs.is_floating_point()
+    ctx = make_context(tokenizer.encode(obs) if frames else obs, act)  # (B, n*37-1): ends with O_{T-1}, A_{T-1} dropped
+    path = planner(ctx, torch.full_like(tasks, ctx.shape[1]), tasks, beam=beam, horizon=horizon)
+    new = tokenizer.decode(path['obs']).float().mul(255).round().div(255)  # images on the 8-bit grid, as stored
+    a = path['actions']
+    actions = torch.cat([act[:, :-1], a, a[:, -1:]], 1)  # (B, T)
+    return dict(observations=torch.cat([obs, new if frames else tokenizer.encode(new)], 1), actions=actions,
+                rewards=torch.cat([rew[:, :-1], path['rewards'].to(rew.dtype), rew.new_zeros(len(a), 1)], 1),
+                ends=torch.zeros_like(actions), mask_padding=torch.ones_like(actions, dtype=torch.bool), envs=tasks,
+                real=torch.zeros_like(tasks, dtype=torch.bool))
+
+
+class Replay:
+    """FIFO of imagined segments on the CPU (B§7.5): tokens, or frames as uint8 (divided by 255 again when drawn)."""
+
+    def __init__(self, capacity, seed=0):
+        self.capacity, self.data, self.next, self.size = capacity, None, 0, 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def push(self, seg):
+        seg = {k: v[-self.capacity:].cpu() for k, v in seg.items()}
+        if seg['observations'].is_floating_point():
+            seg['observations'] = seg['observations'].mul(255).round().to(torch.uint8)
+        if self.data is None:  # torch.empty: memory pages are only touched as the FIFO fills
+            self.data = {k: torch.empty(self.capacity, *v.shape[1:], dtype=v.dtype) for k, v in seg.items()}
+        idx = (self.next + torch.arange(len(seg['envs']))) % self.capacity
+        for k, v in seg.items():
+            self.data[k][idx] = v
+        self.next, self.size = int(idx[-1] + 1) % self.capacity, min(self.size + len(idx), self.capacity)
+
+    def sample(self, n):
+        idx = torch.randint(self.size, (n,), generator=self.gen)
+        b = {k: v[idx] for k, v in self.data.items()}
+        obs = b['observations']
+        return dict(b, observations=obs.float().div(255) if obs.dtype == torch.uint8 else obs)
+
+    def state_dict(self):
+        return dict(data=self.data and {k: v[:self.size].clone() for k, v in self.data.items()}, next=self.next,
+                    size=self.size, gen=self.gen.get_state())
+
+    def load_state_dict(self, s):
+        self.next, self.size, self.data = 0, 0, None
+        if s['data'] is not None:
+            self.push(s['data'])  # rows 0..size-1, already uint8 frames or tokens
+        self.next, self.size = s['next'], s['size']
+        self.gen.set_state(s['gen'])
+
+
+def finetune(argv):
+    # -------------------------------------------------------------------------
+    # config: the checkpoint's, then the fine-tuning defaults (new runs), then the command line
+    cli, args = parse_args(argv, dict(DEFAULTS))
+    given = {a[2:].partition('=')[0].replace('-', '_') for a in argv}
+    ckpt_path, state = os.path.join(args['out_dir'], 'ckpt.pt'), None
+    if args['resume']:
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"nothing to resume: {ckpt_path} does not exist")
+        state = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        for k in ('game', 'train_tokenizer'):  # the data and the replay's observations depend on them
+            if k in given and args[k] != state['args'][k]:
+                raise ValueError(f"--{k} cannot change when resuming (the run used {state['args'][k]!r})")
+        args.update({k: v for k, v in state['args'].items() if k not in given})
+    elif not args['init']:
+        raise ValueError("--init=<checkpoint> is required: our ckpt.pt, or the official 'tokenizer.pt,JOWA_150M.pt'")
+    cfg, model, tokenizer = load_checkpoint(ckpt_path if state else args['init'])
+    for k, v in ({} if state else FINETUNE).items():
+        setattr(cfg, k, v)
+    for k in sorted(given & {f.name for f in fields(JOWAConfig)}):
+        if k in FIXED and getattr(cli, k) != getattr(cfg, k):
+            raise ValueError(f"--{k}={getattr(cli, k)} differs from the checkpoint's {getattr(cfg, k)!r} (fixed by it)")
+        setattr(cfg, k, getattr(cli, k))
+    game, T = args['game'], cfg.max_blocks
+    task_id(game), action_mask(game)  # an unknown game fails here, before any work
+    if args['imagine'] and not 0 < args['imagine_horizon'] < T:
+        raise ValueError(f"--imagine_horizon must be in 1..{T - 1}")
+    device = ('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device
+    dtype = ('bfloat16' if device.startswith('cuda') else 'float32') if cfg.dtype == 'auto' else cfg.dtype
+    autocast = nullcontext() if dtype == 'float32' else torch.autocast(torch.device(device).type, getattr(torch, dtype))
+    torch.manual_seed(cfg.seed)
+
+    # -------------------------------------------------------------------------
+    # data: two independent streams of real segments (training, imagination) and the imagined-segment FIFO. With the
+    # tokenizer frozen every frame is encoded once (data.py's token cache) and training runs on tokens.
+    src = prepare_data(args['data'], game, args['out_dir'], args['transitions'], args['ckpts'], cfg.seed)
+    tokens = not args['train_tokenizer']
+    if tokens:
+        with autocast:
+            data.build_token_cache(src, [game], tokenizer.to(device))  # kept if this tokenizer made it
+    ds = data.load_dataset(src, [game], tokens=tokens)
+    sampler, isampler = data.Sampler(ds, T, cfg.seed), data.Sampler(ds, T, cfg.seed + 1)
+    replay = Replay(args['replay_factor'] * ds[0]['segments'], cfg.seed)
+    eval_interval = args['eval_interval'] or -(-ds[0]['segments'] // cfg.batch_size)
+    to = lambda b: {k: v.to(device) for k, v in b.items()}
+
+    # -------------------------------------------------------------------------
+    # model, optimizers, resumed state
+    model.to(device).train()
+    tokenizer.to(device).eval()  # eval mode even when trained: LPIPS in eval mode (Part A)
+    tokenizer.requires_grad_(False)
+    opt = configure_optimizer(model, cfg.lr_world2, cfg.lr_critic, cfg.weight_decay)
+    tok_opt = None
+    if args['train_tokenizer']:
+        load_lpips_weights(tokenizer)  # a no-op when the checkpoint holds them
+        tok_opt = torch.optim.Adam([p.requires_grad_() for p in tokenizer.trainable_parameters()], lr=cfg.lr_tokenizer)
+    planner = Planner(model, compile=cfg.compile)
+    step, best = 0, dict(score=float('-inf'), step=0)
+    if state:
+        opt.load_state_dict(state['optimizer'])
+        for g, lr in zip(opt.param_groups, (cfg.lr_world2, cfg.lr_world2, cfg.lr_critic)):
+            g['lr'] = lr  # the config's learning rates win over the saved ones
+        if tok_opt and state['tok_optimizer']:
+            tok_opt.load_state_dict(state['tok_optimizer'])
+        step, best = state['step'], state['best']
+        sampler.load_state_dict(state['sampler']), isampler.load_state_dict(state['isampler'])
+        replay.load_state_dict(state['replay'])
+        torch.set_rng_state(state['rng']['cpu'])
+        if state['rng']['cuda'] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state['rng']['cuda'])
+    else:
+        model.update_target()  # B§9: the target head starts as a copy of the online head
+    print(f"fine-tuning {game} (task {task_id(game)}) from step {step}: {ds[0]['segments']} segments in {src}, batch "
+          f"{cfg.batch_size}, imagination {'from step %d' % args['imagine_after'] if args['imagine'] else 'off'}, "
+          f"tokenizer {'trained' if tok_opt else 'frozen (token cache)'}, {device} {dtype}")
+
+    def snapshot(**more):  # a regular checkpoint (load_checkpoint reads it) plus `more`
+        return dict(config=asdict(cfg), model=model.state_dict(), tokenizer=tokenizer.state_dict(), game=game,
+                    step=step, **more)
+
+    # -------------------------------------------------------------------------
+    # training loop
+    history, t0, t_step = [], time.time(), step
+    while step < args['steps']:
+        imagining = args['imagine'] and step >= args['imagine_after']
+        n_real = cfg.batch_size // 2 if imagining else cfg.batch_size
+        batch = dict(to(sampler.sample(n_real, tokens)), real=torch.ones(n_real, dtype=torch.bool, device=device))
+        n_new = 0
+        if imagining:
+            model.eval()  # the planner runs without dropout
+            with autocast:
+                new = imagine(planner, tokenizer, to(isampler.sample(args['imagine_batch'], tokens)),
+                              args['imagine_horizon'], args['imagine_beam'])
+            model.train()
+            if new is not None:
+                replay.push(new)
+                n_new = len(new['envs'])
+            if replay.size:
+                imag = to(replay.sample(cfg.batch_size - n_real))
+                batch = {k: torch.cat([v, imag[k]]) for k, v in batch.items()}
+        with autocast:
+            loss, terms = model.compute_loss(batch, tokenizer, stage=2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if tok_opt:  # on real frames of the real half only, never padding
+            frames = batch['observations'][:n_real][batch['mask_padding'][:n_real]]
+            with autocast:
+                frames = frames[torch.randperm(len(frames), device=device)[:args['tok_frames']]]
+                tok_loss, _ = tokenizer.compute_loss(frames)
+            tok_opt.zero_grad(set_to_none=True)
+            tok_loss.backward()
+            torch.nn.utils.clip_grad_norm_(tokenizer.trainable_parameters(), cfg.grad_clip)
+            tok_opt.step()
+            terms['tokenizer'] = tok_loss.detach()
+        step += 1
+        if step % cfg.target_update == 0:
+            model.update_target()
+
+        if step % args['log_interval'] == 0 or step == args['steps']:
+            terms = dict(loss=loss.item(), **{k: v.item() for k, v in terms.items()})  # .item(): a CPU-GPU sync
+            history.append(dict(step=step, **terms))
+            dt, t0, t_step = (time.time() - t0) / (step - t_step), time.time(), step  # per step, evaluation excluded
+            print(f"step {step} | " + ' '.join(f'{k} {v:.4f}' for k, v in terms.items()) +
+                  f" | imagined {n_new} replay {replay.size} | {dt * 1000:.0f} ms", flush=True)
+        if step % eval_interval == 0 or step == args['steps']:
+            if args['eval_episodes']:
+                t_eval = time.time()
+                model.eval()
+                returns = evaluate(model, tokenizer, cfg, [game], args['eval_episodes'], plan=False,
+                                   max_seconds=args['eval_seconds'])[game]
+                model.train()
+                score = float(np.mean(returns))
+                if score > best['score']:
+                    best = dict(score=score, step=step)
+                    save_checkpoint(snapshot(score=score), os.path.join(args['out_dir'], 'best.pt'))
+                print(f"eval step {step}: {game} mean return {score:.1f} over {len(returns)} episodes in "
+                      f"{time.time() - t_eval:.0f}s (best {best['score']:.1f} at step {best['step']})", flush=True)
+            rng = dict(cpu=torch.get_rng_state(),
+                       cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+            save_checkpoint(snapshot(args=args, best=best, optimizer=opt.state_dict(), rng=rng,
+                                     tok_optimizer=tok_opt and tok_opt.state_dict(), sampler=sampler.state_dict(),
+                                     isampler=isampler.state_dict(), replay=replay.state_dict()), ckpt_path)
+            t0 = time.time()
+    if best['step']:
+        dns = f", DNS {normalized_score(game, best['score'], 'dqn'):.3f}" if game in REF_SCORES else ''
+        print(f"best {game} score {best['score']:.1f} at step {best['step']}{dns} -> {args['out_dir']}/best.pt")
+    return dict(model=model, tokenizer=tokenizer, history=history, best=best, step=step, replay=replay)
+
+
+if __name__ == '__main__':
+    try:
+        finetune(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,353 @@
+"""
+Pretrain JOWA (REFERENCE B§5). Stage 1 trains the VQ-VAE tokenizer (Adam) and the world part of the transformer
+(world cross-entropies, AdamW) side by side on the same batches, the tokenizer on real (never padding) frames of
+them. Stage 2 freezes the tokenizer, encodes the dataset once into a token cache and trains world model and critic
+jointly (Eq. 9: world_weight * world CE + C51 TD + CQL) with a fresh AdamW (world lr 5e-5, critic lr 5e-5).
+One optimizer step = cfg.batch_size segments summed over ranks and gradient-accumulation micro-steps; DDP averages
+the gradients of all ranks with one all-reduce per step, so every replica holds the same weights.
+
+    python train.py --demo                                       # CPU demo: collect 3 real games, train tiny, evaluate
+    python train.py --preset=40M --data_dir=processed            # one GPU (or CPU); data from `data.py process`
+    torchrun --standalone --nproc_per_node=8 train.py --preset=150M --micro_batch=32
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py ...
+    python train.py --out_dir=out --resume                       # continue out/ckpt.pt exactly (config from the file)
+"""
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+from model import (JOWA, JOWAConfig, PRETRAIN_GAMES, configure_optimizer, load_checkpoint, num_params, parse_args,
+                   save_checkpoint)
+from tokenizer import Tokenizer, load_lpips_weights
+
+# -----------------------------------------------------------------------------
+# config: every JOWAConfig field (model.py) and these script settings, as --key=value
+args = dict(
+    data_dir='processed',         # output of `python data.py process`, one folder per game
+    games=','.join(PRETRAIN_GAMES),
+    out_dir='out',                # ckpt.pt goes here
+    resume=False,                 # continue from out_dir/ckpt.pt; flags given again override the saved ones
+    init_from='',                 # start from these weights (our ckpt.pt or tokenizer.pt,JOWA_40M.pt), step 0
+    stop_at=0,                    # stop with a checkpoint after this step, as if preempted (0 = run to the end)
+    log_interval=100,
+    ckpt_interval=5000,
+    eval_interval=0,              # steps between evaluations without planning, rank 0 (0 = never)
+    eval_games='Assault',         # the official training-time evaluation game (B§5.9)
+    eval_episodes=1,
+    eval_max_steps=108_000,
+    eval_max_seconds=180.0,
+    wandb=False,
+    wandb_project='jowa',
+    wandb_run='',
+    demo=False,                   # the flags of DEMO below, then the given ones; collects its data if missing
+    demo_steps=2000,              # random-policy agent steps the demo collects per game
+)
+DEMO = ['--preset=tiny', '--data_dir=data_cache/demo/processed', '--games=Carnival,Assault,SpaceInvaders',
+        '--out_dir=out/demo', '--stage1_steps=80', '--stage2_steps=1200', '--batch_size=8', '--micro_batch=8',
+        '--tok_batch=4', '--target_update=100', '--log_interval=40', '--ckpt_interval=200', '--eval_interval=1280',
+        '--eval_games=Carnival,Assault,SpaceInvaders', '--eval_episodes=2', '--eval_max_steps=400',
+        '--eval_max_seconds=120.0']  # ~8 min on 2 CPU cores
+ARCH = ('preset', 'n_layer', 'n_head', 'n_embd', 'q_hidden', 'num_q', 'obs_tokens', 'max_blocks', 'obs_vocab',
+        'num_actions', 'num_tasks', 'tok_ch', 'tok_embed_dim', 'num_atoms', 'v_min', 'v_max')  # fixed by a checkpoint
+argv = sys.argv[1:]
+argv = DEMO + argv if any(a in ('--demo', '--demo=True') for a in argv) else argv
+cfg, args = parse_args(argv, args)
+given = {a[2:].partition('=')[0].replace('-', '_') for a in argv}
+ckpt_path = os.path.join(args['out_dir'], 'ckpt.pt')
+if args['resume'] and not os.path.exists(ckpt_path):
+    raise SystemExit(f"error: --resume: no checkpoint {ckpt_path}")
+ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True) if args['resume'] else None
+if ckpt:  # the saved config and settings, except what this command line gives again
+    for k in given & set(ARCH):
+        if getattr(cfg, k) != ckpt['config'][k]:
+            raise SystemExit(f"error: --{k}={getattr(cfg, k)} differs from the checkpoint's {ckpt['config'][k]!r}")
+    cfg = JOWAConfig(**{**ckpt['config'], **{k: v for k, v in asdict(cfg).items() if k in given}})
+    args.update({k: v for k, v in ckpt['args'].items() if k not in given | {'resume', 'stop_at', 'init_from'}})
+
+# -----------------------------------------------------------------------------
+# DDP, device, dtype, seeds
+ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun?
+if ddp:
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    local_world = int(os.environ.get('LOCAL_WORLD_SIZE', world_size))
+    cuda = torch.cuda.is_available() and cfg.device != 'cpu'
+    # a long timeout: the others wait while rank 0 evaluates and each node builds its token cache
+    dist.init_process_group('nccl' if cuda else 'gloo', timeout=timedelta(hours=2))
+    device = f'cuda:{local_rank}' if cuda else 'cpu'
+    if cuda:
+        torch.cuda.set_device(device)
+else:
+    rank, local_rank, world_size, local_world = 0, 0, 1, 1
+    device = ('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device
+master = rank == 0  # logs, evaluates and writes the checkpoint
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+dtype = ('bfloat16' if device_type == 'cuda' else 'float32') if cfg.dtype == 'auto' else cfg.dtype
+ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type, dtype=getattr(torch, dtype))
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+accum = cfg.batch_size // (cfg.micro_batch * world_size)  # gradient-accumulation micro-steps per optimizer step
+if accum < 1 or accum * cfg.micro_batch * world_size != cfg.batch_size:
+    raise SystemExit(f"error: batch_size={cfg.batch_size} must be a multiple of micro_batch={cfg.micro_batch} x "
+                     f"{world_size} ranks")
+n_workers = world_size * accum  # one data stream per (rank, micro-step): the global batch ignores how it is split
+if cfg.tok_batch % n_workers:
+    raise SystemExit(f"error: tok_batch={cfg.tok_batch} must be a multiple of {world_size} ranks x {accum} micro-steps")
+tok_micro = cfg.tok_batch // n_workers  # tokenizer frames per micro-step
+total_steps = cfg.stage1_steps + cfg.stage2_steps
+if master:
+    print(f"{world_size} rank(s) on {device} ({dtype}), {accum} micro-step(s) of {cfg.micro_batch} segments per rank: "
+          f"{cfg.batch_size} segments = {cfg.batch_size * cfg.max_tokens:,} tokens per step, {total_steps:,} steps")
+
+# -----------------------------------------------------------------------------
+# data: segments of the processed games; the demo collects real ALE play first (data.py)
+games = args['games'].split(',')
+if args['demo'] and master:
+    raw = os.path.join(os.path.dirname(args['data_dir']), 'replay')
+    for g in games:
+        if not os.path.exists(os.path.join(args['data_dir'], g, 'meta.json')):
+            data.collect(g, raw, args['demo_steps'], run=1, ckpt_size=1000, seed=cfg.seed)
+            data.process_game(raw, args['data_dir'], g, [1], list(range(-(-args['demo_steps'] // 1000))), fraction=1.0)
+if ddp:
+    dist.barrier()
+try:
+    dataset = data.load_dataset(args['data_dir'], games)
+except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}")
+samplers = [data.Sampler(dataset, cfg.max_blocks, cfg.seed, rank * accum + i) for i in range(accum)]
+
+# -----------------------------------------------------------------------------
+# models (same seed on every rank: identical replicas), optimizers, compile
+torch.manual_seed(cfg.seed)
+model, tokenizer = JOWA(cfg), Tokenizer(cfg)
+if args['init_from'] and not ckpt:
+    _, m, t = load_checkpoint(args['init_from'])
+    model.load_state_dict(m.state_dict())
+    tokenizer.load_state_dict(t.state_dict())
+if ckpt:
+    model.load_state_dict(ckpt['model'])
+    tokenizer.load_state_dict(ckpt['tokenizer'])
+step = ckpt['step'] if ckpt else 0
+stage = 1 if step < cfg.stage1_steps else 2
+if stage == 1:
+    load_lpips_weights(tokenizer)  # perceptual loss weights (a no-op when the checkpoint holds them)
+model.to(device).train()
+tokenizer.to(device).train(stage == 1)
+if ddp:  # guarantee identical starting replicas, as DDP's constructor does
+    for t in [*model.state_dict().values(), *tokenizer.state_dict().values()]:
+        dist.broadcast(t, 0)
+params, tok_params = list(model.parameters()), tokenizer.trainable_parameters()
+optimizer = configure_optimizer(model, cfg.lr_world1 if stage == 1 else cfg.lr_world2, cfg.lr_critic, cfg.weight_decay)
+tok_optimizer = torch.optim.Adam(tok_params, lr=cfg.lr_tokenizer)  # Adam, no weight decay (B§1.10)
+if ckpt:
+    tok_optimizer.load_state_dict(ckpt['tok_optimizer'])
+    if ckpt['stage'] == stage:  # a checkpoint taken right at the stage switch holds the stage-1 AdamW: start afresh
+        optimizer.load_state_dict(ckpt['optimizer'])
+for g, lr in zip(optimizer.param_groups, (cfg.lr_world1 if stage == 1 else cfg.lr_world2,) * 2 + (cfg.lr_critic,)):
+    g['lr'] = lr  # the config's learning rates win over the saved ones
+if cfg.compile:  # in place: state-dict names stay clean, and compute_loss's call of the model hits the compiled code
+    for m in (model, tokenizer.encoder, tokenizer.decoder):
+        m.compile()
+if master:
+    print(f"JOWA {cfg.preset}: {num_params(model):,} parameters; tokenizer {sum(p.numel() for p in tok_params):,}")
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def rng_state():
+    s = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(s[0], torch.from_numpy(s[1].astype(np.int64)), *s[2:]),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device_type == 'cuda' else None)
+
+
+def set_rng_state(s):
+    random.setstate(s['python'])
+    n = s['numpy']
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    torch.set_rng_state(s['torch'])
+    if s['cuda'] is not None and device_type == 'cuda':
+        torch.cuda.set_rng_state(s['cuda'])
+
+
+def gather(obj):
+    """obj of every rank, in rank order, on every rank."""
+    if not ddp:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sync_grads(stats):
+    """Average the gradients (and the logged loss terms `stats`) over ranks with one all-reduce of a flat vector
+    (CleanRL multigpu style). Parameters without a gradient (the Q head in stage 1, the tokenizer in stage 2) are
+    skipped; every rank has the same set. Returns the averaged stats."""
+    if not ddp:
+        return stats
+    grads = [p.grad for p in params + tok_params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads] + [stats])
+    dist.all_reduce(flat)
+    flat /= world_size
+    i = 0
+    for g in grads:
+        g.copy_(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()
+    return flat[i:]
+
+
+def healthy():
+    """No non-finite loss so far and every parameter finite (one sync: called at log and checkpoint time)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in params + tok_params]).all() & ~nonfinite)
+
+
+def stop_nonfinite():
+    msg = (f"error: non-finite loss or parameters detected at step {step} (stage {stage}; fine at step {last_ok}); "
+           f"training stopped. " + (f"The last good checkpoint {ckpt_path} (step {saved}) is kept."
+                                    if saved is not None else "No checkpoint was written."))
+    if master:
+        print(msg, flush=True)
+    cleanup()
+    raise SystemExit(1)
+
+
+def cleanup():
+    if ddp:
+        dist.barrier()  # leave together: a rank tearing gloo down while another still writes can abort
+        dist.destroy_process_group()
+
+
+def save():
+    global saved
+    if not healthy():
+        stop_nonfinite()
+    # per-rank states, gathered; the parameter checksums prove the replicas never drifted apart (B§5.3)
+    rngs, streams = gather(rng_state()), sum(gather([s.state_dict() for s in samplers]), [])
+    sums = gather(torch.stack([p.detach().double().sum() for p in params + tok_params]).cpu())
+    if any(not torch.equal(s, sums[0]) for s in sums):
+        raise RuntimeError(f"DDP replicas differ at step {step}: gradients were not synchronised")
+    if master:
+        save_checkpoint(dict(config=asdict(cfg), args=args, step=step, stage=stage, model=model.state_dict(),
+                             tokenizer=tokenizer.state_dict(), optimizer=optimizer.state_dict(),
+                             tok_optimizer=tok_optimizer.state_dict(), samplers=streams, rng=rngs,
+                             replica_checksums=sums), ckpt_path)
+    saved = step
+
+
+def enter_stage2():
+    """Freeze the tokenizer and encode every frame once (ranks of a node share the games; a cache made by this
+    tokenizer is kept), so stage-2 batches carry tokens."""
+    tokenizer.eval().requires_grad_(False)
+    with ctx:
+        data.build_token_cache(args['data_dir'], games[local_rank::local_world], tokenizer)
+    if ddp:
+        dist.barrier()
+    data.load_dataset(args['data_dir'], games, tokens=True)  # checks every game's cache
+
+
+def evaluate_now():
+    """Q-greedy evaluation without planning (B§5.9) on a fresh uncompiled copy; training RNG streams untouched."""
+    from evaluate import evaluate, summarize
+    state = rng_state()
+    copy = JOWA(cfg).to(device)
+    copy.load_state_dict(model.state_dict())
+    returns = evaluate(copy.eval(), tokenizer.eval(), cfg, args['eval_games'].split(','), args['eval_episodes'],
+                       plan=False, max_steps=args['eval_max_steps'], max_seconds=args['eval_max_seconds'])
+    tokenizer.train(stage == 1)
+    set_rng_state(state)
+    print(f"evaluation at step {step}, no planning:\n{summarize(returns, cfg.preset, plan=False)[0]}", flush=True)
+    return {f'eval/{g}': float(np.mean(r)) for g, r in returns.items() if r}
+
+
+# -----------------------------------------------------------------------------
+# resume the exact streams: data samplers and RNGs of every rank
+if ckpt and len(ckpt['samplers']) == n_workers and len(ckpt['rng']) == world_size:
+    for i, s in enumerate(samplers):
+        s.load_state_dict(ckpt['samplers'][rank * accum + i])
+    set_rng_state(ckpt['rng'][rank])
+else:
+    if ckpt and master:
+        print(f"note: the checkpoint has other ranks/micro-steps, the data streams restart from seed {cfg.seed}")
+    torch.manual_seed(cfg.seed + rank + step)  # dropout masks differ between ranks
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+if stage == 2:
+    enter_stage2()
+if args['wandb'] and master:
+    import wandb
+    wandb.init(project=args['wandb_project'], name=args['wandb_run'] or None, config={**asdict(cfg), **args})
+
+# -----------------------------------------------------------------------------
+# training loop
+start, saved, last_ok, t_step = step, (step if ckpt else None), step, step
+nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check (no sync)
+t0 = time.time()
+while True:
+    end = step == total_steps or step == args['stop_at'] > 0
+    if step > start and (end or args['ckpt_interval'] and step % args['ckpt_interval'] == 0):
+        save()
+    if master and args['eval_interval'] and step > start and (step % args['eval_interval'] == 0 or step == total_steps):
+        scores = evaluate_now()
+        if args['wandb']:
+            wandb.log(scores, step=step)
+    if end:
+        break
+    if step == cfg.stage1_steps and stage == 1:  # stage switch: fresh AdamW with the stage-2 lrs (B§5.1, fixed)
+        stage = 2
+        optimizer = configure_optimizer(model, cfg.lr_world2, cfg.lr_critic, cfg.weight_decay)
+        enter_stage2()
+        if master:
+            print(f"step {step}: stage 2, tokenizer frozen, token cache ready")
+
+    stats = {}
+    for micro, sampler in enumerate(samplers):
+        batch = sampler.sample(cfg.micro_batch, tokens=stage == 2)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with ctx:
+            loss, terms = model.compute_loss(batch, tokenizer, stage)
+        (loss / accum).backward()
+        terms = dict(loss=loss.detach(), **terms)
+        if stage == 1:  # the tokenizer trains on real frames of this batch, drawn with replacement (B§1.10)
+            frames = batch['observations'][batch['mask_padding']]  # (n, 1, 84, 84), never a padding frame
+            if len(frames) > tok_micro:
+                frames = frames[torch.from_numpy(sampler.rng.integers(0, len(frames), tok_micro)).to(device)]
+            with ctx:
+                tok_loss, tok_terms = tokenizer(frames)
+            (tok_loss / accum).backward()
+            terms.update(tok=tok_loss.detach(), **{f'tok_{k[:6]}': v for k, v in tok_terms.items()})
+        stats = {k: stats.get(k, 0) + v.float() / accum for k, v in terms.items()}
+    avg = sync_grads(torch.stack(list(stats.values())))  # the same averaged loss terms on every rank
+    nonfinite |= ~torch.isfinite(avg).all()
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if stage == 1:
+        torch.nn.utils.clip_grad_norm_(tok_params, cfg.grad_clip)
+        tok_optimizer.step()
+        tok_optimizer.zero_grad(set_to_none=True)
+    step += 1
+    if step % cfg.target_update == 0:  # counted over both stages, as the official code does
+        model.update_target()
+
+    if step % args['log_interval'] == 0 or step == total_steps:
+        if not healthy():  # the same verdict on every rank: the loss terms were all-reduced
+            stop_nonfinite()
+        last_ok = step
+        dt, t0, t_step = (time.time() - t0) / (step - t_step), time.time(), step  # per step since the last line
+        if master:
+            logs = {k: v.item() for k, v in zip(stats, avg)}  # .item() only here: a CPU-GPU sync
+            mem = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device_type == 'cuda' else ''
+            print(f"step {step} | stage {stage} | " + ' '.join(f'{k} {v:.4f}' for k, v in logs.items()) +
+                  f" | lr {optimizer.param_groups[0]['lr']:.1e} | {dt * 1000:.0f} ms | "
+                  f"{cfg.batch_size * cfg.max_tokens / dt:,.0f} tok/s{mem}", flush=True)
+            if args['wandb']:
+                wandb.log({**logs, 'stage': stage, 'ms_per_step': dt * 1000}, step=step)
+
+cleanup()
