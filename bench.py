@@ -1,24 +1,33 @@
 """
-Benchmarks (CPU or GPU). Each section prints its numbers; ratios are taken within one run, medians over repeats.
+Benchmarks on this machine (CPU or GPU). Ratios are taken within one run, times are medians over repeats, and
+each section measures the machine's own matmul peak where it reports a fraction of it.
 
-    python bench.py train      # one 40M training step (fwd + loss + bwd + AdamW), fp32 and bf16, vs matmul peak
-    python bench.py sampler    # segment sampler throughput and peak RSS on a ~2 GB processed dataset
-    python bench.py all        # every section
+    python bench.py train                  # one 40M training step (fwd + loss + bwd + AdamW), fp32 and bf16
+    python bench.py ddp [--repeats=3]      # 40M training: 1 process vs 2-rank gloo DDP (scaling), peak RSS
+    python bench.py dtype                  # 40M training in fresh processes: fp32 vs bf16 autocast
+    python bench.py sampler                # segment sampler throughput and peak RSS on a ~2 GB dataset
+    python bench.py plan [--compile --freeze --threads=1 --envs=1,16 --beams=0,2,4]   # planner decisions/s
 """
 import json
 import os
+import resource
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import data
-
-from model import JOWA, configure_optimizer, make_config
+from model import JOWA, configure_optimizer, make_config, parse_args, task_id
+from plan import Planner
+from tokenizer import Tokenizer
 
 
 def timeit(fn, repeats=5, warmup=1):
@@ -50,16 +59,21 @@ def forward_flops(cfg, B, T):
     return B * per_row, B * q  # (trained parts, one Q head)
 
 
+def token_batch(cfg, B, T, seed=0):
+    """A random stage-2 batch of (B, T) token segments (B§4.1)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(observations=torch.randint(0, cfg.obs_vocab, (B, T, cfg.obs_tokens), generator=g),
+                actions=torch.randint(0, 18, (B, T), generator=g), rewards=torch.randint(-1, 2, (B, T), generator=g).float(),
+                ends=torch.zeros(B, T, dtype=torch.long), mask_padding=torch.ones(B, T, dtype=torch.bool),
+                envs=torch.randint(0, 60, (B,), generator=g))
+
+
 def bench_train(preset='40M', B=16, T=8, repeats=5):
     torch.manual_seed(0)
     cfg = make_config(preset)
     model = JOWA(cfg).train()
     opt = configure_optimizer(model, cfg.lr_world2, cfg.lr_critic, cfg.weight_decay)
-    g = torch.Generator().manual_seed(0)
-    batch = dict(observations=torch.randint(0, cfg.obs_vocab, (B, T, cfg.obs_tokens), generator=g),
-                 actions=torch.randint(0, 18, (B, T), generator=g), rewards=torch.randint(-1, 2, (B, T), generator=g).float(),
-                 ends=torch.zeros(B, T, dtype=torch.long), mask_padding=torch.ones(B, T, dtype=torch.bool),
-                 envs=torch.randint(0, 60, (B,), generator=g))
+    batch = token_batch(cfg, B, T)
     world, q = forward_flops(cfg, B, T)
     flops = 3 * (world + q) + q  # forward + backward (2x) of everything trained, plus the target head forward
     tokens = B * T * cfg.tokens_per_block
@@ -76,6 +90,90 @@ def bench_train(preset='40M', B=16, T=8, repeats=5):
         peak = matmul_peak(dtype)
         print(f"  {name}: {t * 1000:7.0f} ms/step  {tokens / t:7.0f} tokens/s  {flops / t / 1e9:6.1f} GFLOP/s  "
               f"= {100 * flops / t / peak:4.1f}% of the {peak / 1e9:.0f} GFLOP/s {name} matmul peak")
+
+
+# -----------------------------------------------------------------------------
+# training: DDP scaling and dtype in fresh processes
+
+DDP_B, DDP_T = 16, 8  # segments x blocks per process
+
+
+def worker(rank, world, threads, dtype, repeats, port, out):
+    torch.set_num_threads(threads)
+    if world > 1:
+        os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+        dist.init_process_group('gloo', rank=rank, world_size=world)
+    torch.manual_seed(0)
+    cfg = make_config('40M')
+    model = JOWA(cfg).train()
+    opt = configure_optimizer(model, cfg.lr_world2, cfg.lr_critic, cfg.weight_decay)
+    params = list(model.parameters())
+    batch = token_batch(cfg, DDP_B, DDP_T, seed=rank)
+    ctx = torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bf16')
+
+    def step():
+        with ctx:
+            loss, _ = model.compute_loss(batch, stage=2)
+        loss.backward()
+        if world > 1:  # train.py's sync_grads
+            grads = [p.grad for p in params if p.grad is not None]
+            flat = torch.cat([x.flatten() for x in grads])
+            dist.all_reduce(flat)
+            flat /= world
+            i = 0
+            for x in grads:
+                x.copy_(flat[i:i + x.numel()].view_as(x))
+                i += x.numel()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = []
+    for i in range(repeats + 1):  # the first step warms up (allocations, AdamW state)
+        if world > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    with open(os.path.join(out, f'{rank}.json'), 'w') as f:
+        json.dump(dict(t=statistics.median(times[1:]), rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20), f)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def run(world, threads, dtype='fp32', repeats=3):
+    """Fresh processes; returns (median step seconds of the slowest rank, peak RSS GiB per rank)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(worker, (world, threads, dtype, repeats, port, out), nprocs=world)
+        res = [json.load(open(os.path.join(out, f'{r}.json'))) for r in range(world)]
+    return max(r['t'] for r in res), [r['rss'] for r in res]
+
+
+def report(name, world, t, rss):
+    tokens = world * DDP_B * DDP_T * 37
+    print(f"  {name:<34} {t * 1000:7.0f} ms/step  {tokens / t:7.0f} tokens/s  peak RSS "
+          + ' + '.join(f'{r:.2f}' for r in rss) + ' GiB', flush=True)
+    return tokens / t
+
+
+def bench_ddp(which='ddp', repeats=3):
+    """40M stage-2 step in fresh processes: one process vs 2-rank gloo DDP (one core each), fp32 vs bf16."""
+    cores = os.cpu_count()
+    print(f"40M stage-2 training step on CPU ({cores} cores), {DDP_B} x {DDP_T} blocks = {DDP_B * DDP_T * 37} tokens per process, "
+          f"median of {repeats}")
+    if which == 'ddp':
+        one = report(f'1 process, {cores} threads', 1, *run(1, cores, repeats=repeats))
+        one1 = report('1 process, 1 thread', 1, *run(1, 1, repeats=repeats))
+        two = report('2-rank gloo DDP, 1 thread each', 2, *run(2, 1, repeats=repeats))
+        print(f"  DDP / 1 process on the same {cores} cores: {two / one:.2f}x throughput;  "
+              f"scaling efficiency DDP / (2 x 1-thread process): {two / (2 * one1):.0%}")
+    if which == 'dtype':
+        f32 = report(f'fp32, 1 process, {cores} threads', 1, *run(1, cores, 'fp32', repeats))
+        bf16 = report(f'bf16 autocast, 1 process, {cores} threads', 1, *run(1, cores, 'bf16', repeats))
+        print(f"  bf16 / fp32 throughput: {bf16 / f32:.2f}x")
 
 
 # -----------------------------------------------------------------------------
@@ -157,9 +255,113 @@ def bench_sampler(gb=2.0, games=('SpaceInvaders', 'Berzerk'), steps=1500, batch_
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# -----------------------------------------------------------------------------
+# planner
+
+OFFICIAL = {0: 12.1, 2: 1.09, 4: 0.75}  # official code, 1 env, fp32, on a 2-core machine like this one (decisions/s)
+
+
+def read_bandwidth(n=64 * 2 ** 20, reps=5):
+    x = torch.ones(n)  # 256 MB: far beyond the caches
+    x.sum()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t)
+    return 4 * n / statistics.median(ts)
+
+
+def planner_flops(cfg, N, ctx_len, K, H, n_valid=18):
+    """Useful FLOPs of one planner call (matmuls only, causal attention over real keys, every executed candidate)."""
+    L, E, V, D, Q = cfg.n_layer, cfg.n_embd, cfg.obs_vocab, cfg.q_hidden, cfg.num_q
+    per_token = 24 * L * E * E  # qkv 3E^2, proj E^2, mlp 8E^2; x2 for multiply-add
+    attn = lambda keys: 4 * L * E * keys  # q.k and att.v over `keys` keys
+    q_head = 2 * Q * (E * D + D * D + D * cfg.num_actions * cfg.num_atoms)
+    obs_head, small_heads = 2 * (E * E + E * V), 2 * (2 * E * E + 5 * E)
+    f = N * (ctx_len * per_token + sum(attn(t + 1) for t in range(ctx_len)) + q_head)  # prefill + root Q
+    rows, g = N, 0
+    if H == 0:
+        return f
+    for d in range(1, H + 1):
+        rows = rows * K if d == 1 else N * K * K  # candidates at this depth
+        for j in range(37):
+            head = obs_head + small_heads if j == 0 else (q_head if j == 36 else obs_head)
+            f += rows * (per_token + attn(ctx_len + g + 1) + head)
+            g += 1
+    return f
+
+
+def bench_plan(argv):
+    """Planner decisions/s (40M, 6-block context, frame encode included): greedy and beam H=2, K=2/4, 1 and 16 envs."""
+    extra = dict(threads=0, repeats=5, envs='1,16', dtypes='float32,bfloat16', beams='0,2,4', freeze=False)
+    cfg, args = parse_args(['--preset=40M'] + argv, extra)
+    if args['threads']:
+        torch.set_num_threads(args['threads'])
+    torch.manual_seed(0)
+    model, tokenizer = JOWA(cfg).eval(), Tokenizer(cfg).eval()
+    planner = Planner(model, compile=cfg.compile, freeze=args['freeze'])
+    n_ctx = 6  # blocks: the longest root context with H = 2
+    L = n_ctx * 37 - 1
+    # weights every single-token pass reads: the blocks and the obs head (embedding rows are looked up, not streamed)
+    weights = sum(p.numel() for n, p in model.named_parameters() if n.startswith(('blocks.', 'ln_f.', 'head_obs.')))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
+          f"(timings are only meaningful on an otherwise idle machine), compile={cfg.compile} freeze={args['freeze']}")
+    print(f"40M preset ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), tokenizer "
+          f"{cfg.tok_ch}/{cfg.tok_embed_dim}, context {n_ctx} blocks; medians of {args['repeats']} repeats")
+    peaks = {}
+    for name in args['dtypes'].split(','):
+        dtype = getattr(torch, name)
+        peaks[name] = matmul_peak(dtype)
+        print(f"matmul peak {name}: {peaks[name] / 1e9:.0f} GFLOP/s")
+    print(f"{'dtype':>9} {'envs':>4} {'policy':>12} {'decisions/s':>12} {'vs official':>11} {'plan ms':>8} "
+          f"{'encode ms':>9} {'GFLOP/s':>8} {'of peak':>7}")
+    with torch.no_grad():
+        for name in args['dtypes'].split(','):
+            amp = nullcontext() if name == 'float32' else torch.autocast('cpu', dtype=getattr(torch, name))
+            for N in [int(n) for n in args['envs'].split(',')]:
+                ctx = torch.randint(0, cfg.obs_vocab, (N, L))
+                ctx[:, 36::37] = torch.randint(0, 7, (N, n_ctx - 1))  # action tokens of Assault
+                lens, tasks = torch.full((N,), L), torch.full((N,), task_id('Assault'))
+                frames = torch.rand(N, 1, 84, 84)
+                for K in [int(k) for k in args['beams'].split(',')]:
+                    H = 0 if K == 0 else 2
+                    t_enc, t_plan = [], []
+                    with amp:
+                        for r in range(args['repeats'] + 1):  # the first call warms up (and compiles)
+                            t0 = time.perf_counter()
+                            tokenizer.encode(frames)
+                            t1 = time.perf_counter()
+                            planner(ctx, lens, tasks, beam=max(K, 1), horizon=H)
+                            t2 = time.perf_counter()
+                            if r:
+                                t_enc.append(t1 - t0)
+                                t_plan.append(t2 - t1)
+                    enc, pl = statistics.median(t_enc), statistics.median(t_plan)
+                    dps = N / (enc + pl)
+                    flops = planner_flops(cfg, N, L, K, H)
+                    vs = f'{dps / OFFICIAL[K]:10.1f}x' if N == 1 and name == 'float32' else ''
+                    policy = 'greedy' if K == 0 else f'beam H2 K{K}'
+                    print(f"{name:>9} {N:>4} {policy:>12} {dps:>12.2f} {vs:>11} {pl * 1e3:>8.0f} {enc * 1e3:>9.0f} "
+                          f"{flops / pl / 1e9:>8.1f} {flops / pl / peaks[name]:>7.0%}")
+    bw = read_bandwidth()
+    gb = 74 * weights * 4 / 1e9
+    print(f"one environment, beam H=2: 74 sequential single-token passes, each reads the blocks and the obs head "
+          f"({weights / 1e6:.1f}M weights): {gb:.1f} GB per decision in fp32, {gb / 2:.1f} GB in bf16; memory read "
+          f"bandwidth {bw / 1e9:.1f} GB/s -> at most {bw / 1e9 / gb:.1f} (fp32) / {2 * bw / 1e9 / gb:.1f} (bf16) "
+          f"decisions/s unless the weights stay in cache")
+
+
+
 if __name__ == '__main__':
-    which = sys.argv[1] if len(sys.argv) > 1 else 'all'
-    if which in ('train', 'all'):
+    which, argv = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ('train', [])
+    if which == 'train':
         bench_train()
-    if which in ('sampler', 'all'):
+    elif which in ('ddp', 'dtype'):
+        bench_ddp(which, int(next((a.split('=')[1] for a in argv if a.startswith('--repeats=')), 3)))
+    elif which == 'sampler':
         bench_sampler()
+    elif which == 'plan':
+        bench_plan(argv)
+    else:
+        raise SystemExit(f"error: unknown section {which!r}; choose train, ddp, dtype, sampler or plan")
