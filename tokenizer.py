@@ -321,13 +321,8 @@ def load_lpips_weights(tokenizer):
 def convert_official_tokenizer(state_dict, tokenizer=None):
     """Official tokenizer state dict (`_orig_mod.` / `module.` prefixes allowed, lpips.* optional) -> ours, checked
     against the keys and shapes of `tokenizer` (default: the official sizes). Raises ValueError on a mismatch."""
-    sd = {}
-    for k, v in state_dict.items():
-        for prefix in ('_orig_mod.module.', 'module.', '_orig_mod.'):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-                break
-        sd[k] = v
+    from model import strip_prefixes  # model.py imports this file only inside functions: no cycle
+    sd = strip_prefixes(state_dict)
     expected = {k: tuple(v.shape) for k, v in (tokenizer or Tokenizer(OFFICIAL)).state_dict().items()}
     with_lpips = any(k.startswith('lpips.') for k in sd)  # all of them or none
     missing = [k for k in expected if k not in sd and (with_lpips or not k.startswith('lpips.'))]
