@@ -307,7 +307,7 @@ while True:
             print(f"step {step}: stage 2, tokenizer frozen, token cache ready")
 
     stats = {}
-    for micro, sampler in enumerate(samplers):
+    for sampler in samplers:  # one micro-step per data stream of this rank
         batch = sampler.sample(cfg.micro_batch, tokens=stage == 2)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with ctx:
