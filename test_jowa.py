@@ -4,42 +4,37 @@ JOWA tests: CPU, tiny configs, the official fixtures (../shared/fixtures), real 
     python -m pytest -q test_jowa.py            # default suite
     python -m pytest -q -m slow test_jowa.py    # end-to-end runs (torchrun DDP, resume, compiled planner)
 """
-import cv2
-import gymnasium as gym
 import gzip
 import hashlib
 import importlib.util
 import inspect
 import json
 import math
-import numpy as np
 import os
-import pytest
 import runpy
 import subprocess
 import sys
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 import types
 import warnings
 from dataclasses import asdict
 
-from model import (JOWA, KVCache, PRESETS, c51_project, configure_optimizer, convert_official_jowa, load_state,
-                   make_config, num_params, parse_args, save_checkpoint, task_id, action_mask)
-import tokenizer
-from model import make_config
-from tokenizer import Tokenizer, convert_official_tokenizer, load_lpips_weights, tokenizer_from_official
+import cv2
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
 import data
-from model import VALID_ACTIONS, make_config, task_id
-from model import JOWA, VALID_ACTIONS, convert_official_jowa, load_state, make_config, save_checkpoint, task_id
-from plan import Planner, make_context
-from model import VALID_ACTIONS, JOWA, JOWAConfig
-from tokenizer import Tokenizer
 import evaluate
 import finetune
 import model as M
-from model import JOWA, make_config, save_checkpoint, task_id
+import tokenizer
+from model import (JOWA, KVCache, PRESETS, VALID_ACTIONS, JOWAConfig, action_mask, c51_project, configure_optimizer,
+                   convert_official_jowa, load_state, make_config, num_params, parse_args, save_checkpoint, task_id)
+from plan import Planner, make_context
+from tokenizer import Tokenizer, convert_official_tokenizer, load_lpips_weights, tokenizer_from_official
 
 
 # ==============================================================================================================
