@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import data
-from model import JOWA, configure_optimizer, make_config, parse_args, task_id
+from model import JOWA, average_over_ranks, configure_optimizer, make_config, parse_args, task_id
 from plan import Planner
 from tokenizer import Tokenizer
 
@@ -115,15 +115,8 @@ def worker(rank, world, threads, dtype, repeats, port, out):
         with ctx:
             loss, _ = model.compute_loss(batch, stage=2)
         loss.backward()
-        if world > 1:  # train.py's sync_grads
-            grads = [p.grad for p in params if p.grad is not None]
-            flat = torch.cat([x.flatten() for x in grads])
-            dist.all_reduce(flat)
-            flat /= world
-            i = 0
-            for x in grads:
-                x.copy_(flat[i:i + x.numel()].view_as(x))
-                i += x.numel()
+        if world > 1:  # as train.py
+            average_over_ranks([p.grad for p in params if p.grad is not None], torch.zeros(0), world)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -605,6 +605,20 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
+def average_over_ranks(tensors, extra, world_size):
+    """DDP without the wrapper (CleanRL multigpu style): average `tensors` (e.g. gradients) in place and the 1-D
+    `extra` (e.g. logged losses) over ranks with ONE all-reduce of a flat vector; returns the averaged extra."""
+    import torch.distributed as dist
+    flat = torch.cat([t.flatten() for t in tensors] + [extra])
+    dist.all_reduce(flat)
+    flat /= world_size
+    i = 0
+    for t in tensors:
+        t.copy_(flat[i:i + t.numel()].view_as(t))
+        i += t.numel()
+    return flat[i:]
+
+
 def num_params(model, target=False):
     return sum(p.numel() for n, p in model.named_parameters() if target or not n.startswith('head_q_target'))
 

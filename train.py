@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import (JOWA, JOWAConfig, PRETRAIN_GAMES, configure_optimizer, load_checkpoint, num_params, parse_args,
-                   save_checkpoint)
+from model import (JOWA, JOWAConfig, PRETRAIN_GAMES, average_over_ranks, configure_optimizer, load_checkpoint,
+                   num_params, parse_args, save_checkpoint)
 from tokenizer import Tokenizer, load_lpips_weights
 
 # -----------------------------------------------------------------------------
@@ -192,15 +192,7 @@ def sync_grads(stats):
     skipped; every rank has the same set. Returns the averaged stats."""
     if not ddp:
         return stats
-    grads = [p.grad for p in params + tok_params if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads] + [stats])
-    dist.all_reduce(flat)
-    flat /= world_size
-    i = 0
-    for g in grads:
-        g.copy_(flat[i:i + g.numel()].view_as(g))
-        i += g.numel()
-    return flat[i:]
+    return average_over_ranks([p.grad for p in params + tok_params if p.grad is not None], stats, world_size)
 
 
 def healthy():
