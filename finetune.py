@@ -31,8 +31,8 @@ import torch
 
 import data
 from evaluate import evaluate
-from model import (JOWAConfig, REF_SCORES, action_mask, configure_optimizer, load_checkpoint, normalized_score,
-                   parse_args, save_checkpoint, task_id)
+from model import (ARCH_FIELDS, JOWAConfig, REF_SCORES, action_mask, configure_optimizer, load_checkpoint,
+                   normalized_score, parse_args, save_checkpoint, task_id)
 from plan import Planner, make_context
 from tokenizer import load_lpips_weights
 
@@ -46,9 +46,6 @@ DEFAULTS = dict(init='', game='Pong', data='', out_dir='out/finetune', resume=Fa
                 eval_interval=0,        # steps between evaluations + checkpoints (0 = one epoch of the dataset)
                 eval_episodes=16, eval_seconds=180.0, log_interval=200)
 FINETUNE = dict(world_weight=0.5, batch_size=32, lr_world2=5e-5, lr_critic=5e-5, target_update=1000, context=8)
-FIXED = ('preset', 'n_layer', 'n_head', 'n_embd', 'q_hidden', 'num_q', 'dropout', 'q_dropout', 'obs_tokens',
-         'max_blocks', 'obs_vocab', 'num_actions', 'num_tasks', 'tok_ch', 'tok_embed_dim', 'num_atoms', 'v_min',
-         'v_max')  # built into the checkpoint's modules
 
 
 def prepare_data(src, game, out_dir, transitions, ckpts, seed=0):
@@ -159,7 +156,7 @@ def finetune(argv):
     for k, v in ({} if state else FINETUNE).items():
         setattr(cfg, k, v)
     for k in sorted(given & {f.name for f in fields(JOWAConfig)}):
-        if k in FIXED and getattr(cli, k) != getattr(cfg, k):
+        if k in ARCH_FIELDS and getattr(cli, k) != getattr(cfg, k):
             raise ValueError(f"--{k}={getattr(cli, k)} differs from the checkpoint's {getattr(cfg, k)!r} (fixed by it)")
         setattr(cfg, k, getattr(cli, k))
     game, T = args['game'], cfg.max_blocks

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import (JOWA, JOWAConfig, PRETRAIN_GAMES, average_over_ranks, configure_optimizer, load_checkpoint,
-                   num_params, parse_args, save_checkpoint)
+from model import (ARCH_FIELDS, JOWA, JOWAConfig, PRETRAIN_GAMES, average_over_ranks, configure_optimizer,
+                   load_checkpoint, num_params, parse_args, save_checkpoint)
 from tokenizer import Tokenizer, load_lpips_weights
 
 # -----------------------------------------------------------------------------
@@ -56,8 +56,6 @@ DEMO = ['--preset=tiny', '--data_dir=data_cache/demo/processed', '--games=Carniv
         '--tok_batch=4', '--target_update=100', '--log_interval=40', '--ckpt_interval=200', '--eval_interval=1280',
         '--eval_games=Carnival,Assault,SpaceInvaders', '--eval_episodes=2', '--eval_max_steps=400',
         '--eval_max_seconds=120.0']  # ~8 min on 2 CPU cores
-ARCH = ('preset', 'n_layer', 'n_head', 'n_embd', 'q_hidden', 'num_q', 'obs_tokens', 'max_blocks', 'obs_vocab',
-        'num_actions', 'num_tasks', 'tok_ch', 'tok_embed_dim', 'num_atoms', 'v_min', 'v_max')  # fixed by a checkpoint
 argv = sys.argv[1:]
 argv = DEMO + argv if any(a in ('--demo', '--demo=True') for a in argv) else argv
 cfg, args = parse_args(argv, args)
@@ -67,7 +65,7 @@ if args['resume'] and not os.path.exists(ckpt_path):
     raise SystemExit(f"error: --resume: no checkpoint {ckpt_path}")
 ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True) if args['resume'] else None
 if ckpt:  # the saved config and settings, except what this command line gives again
-    for k in given & set(ARCH):
+    for k in given & set(ARCH_FIELDS):
         if getattr(cfg, k) != ckpt['config'][k]:
             raise SystemExit(f"error: --{k}={getattr(cfg, k)} differs from the checkpoint's {ckpt['config'][k]!r}")
     cfg = JOWAConfig(**{**ckpt['config'], **{k: v for k, v in asdict(cfg).items() if k in given}})
