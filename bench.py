@@ -292,7 +292,7 @@ def bench_plan(argv):
     if args['threads']:
         torch.set_num_threads(args['threads'])
     torch.manual_seed(0)
-    model, tokenizer = JOWA(cfg).eval(), Tokenizer(cfg).eval()
+    model, tokenizer = JOWA(cfg).eval(), Tokenizer(cfg).eval().to(memory_format=torch.channels_last)  # as evaluate.py
     planner = Planner(model, compile=cfg.compile, freeze=args['freeze'])
     n_ctx = 6  # blocks: the longest root context with H = 2
     L = n_ctx * 37 - 1

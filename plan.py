@@ -17,6 +17,7 @@ imagined blocks of a parent once for its K children, and only the block being de
 """
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 
 from model import KVCache
 
@@ -27,14 +28,52 @@ def make_context(obs, actions):
     return torch.cat([obs, actions[..., None]], -1).flatten(1)[:, :-1]
 
 
-def decode_token(model, tok, kind, g, pos, tasks, ctx_kv, anc_kv, own_kv):
+def linear(mod, x, act=None):
+    """A linear layer of the decode pass, then act: None, 'gelu' (exact) or 'relu'."""
+    y = mod(x)
+    return F.gelu(y) if act == 'gelu' else F.relu(y) if act == 'relu' else y
+
+
+class PackedLinears:
+    """The same linear layers with weights prepacked by oneDNN in the compute dtype (CPU, eager decoding).
+    Why: a decode pass multiplies only 2-64 rows by every weight matrix, so its time is the time to read the weights
+    (56 MB in fp32 for the 40M preset, more than a typical L3 cache). On a 2-core EPYC, F.linear reads them at about
+    8 GB/s for 2-4 rows (one MKL matrix-vector product per row) and oneDNN's packed kernel at about 26 GB/s.
+    Packing in the compute dtype also drops autocast's per-call weight casts, and GELU/ReLU run inside the matmul.
+    The weights are repacked whenever a parameter has changed (fine-tuning plans with a model it is training)."""
+
+    def __init__(self, model):
+        self.mods = [m for b in model.blocks for m in (b.attn.c_attn, b.attn.proj, b.mlp[0], b.mlp[2])]
+        self.mods += [model.head_obs[0], model.head_obs[2]]
+        self.key, self.w = None, {}
+
+    @staticmethod
+    def available(device, dtype):
+        return device.type == 'cpu' and torch.backends.mkldnn.is_available() and (
+            dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+
+    def refresh(self, dtype):
+        key = (dtype, *[(id(p), p._version) for m in self.mods for p in (m.weight, m.bias)])
+        if key != self.key:
+            self.w = {m: (torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype)),
+                          m.bias.detach().to(dtype)) for m in self.mods}
+            self.key = key
+        return self
+
+    def __call__(self, mod, x, act=None):
+        w, b = self.w[mod]
+        return torch.ops.mkldnn._linear_pointwise(x.to(b.dtype), w, b, act or 'none', [], 'none' if act else '')
+
+
+def decode_token(model, lin, tok, kind, g, pos, tasks, ctx_kv, anc_kv, own_kv):
     """One world-model token for all M = N*C candidate rows (C per environment, environment-major).
     tok (M,) input ids of kind 0: action -> (obs token 0, reward, end); 1: obs token -> next obs token;
     2: last obs token -> masked expected Q (M, A). pos (M,): absolute positions in the window. A row attends to
     three key groups, each stored once for the rows that share it: ctx_kv = (k, v, bias), the contexts
     (L, N, nh, Tp, hd) with bias (N, 1, 1, Tp) 0 / -inf on real / padded positions; anc_kv = (k, v) or None, the
     parent's earlier imagined blocks (L, N*P, nh, Ta, hd), shared by its children; own_kv = (k, v), this step's
-    block (L, M, nh, 37, hd), written here at index g (0-dim tensor), causal. Static shapes, no host syncs: one
+    block (L, M, nh, 37, hd), written here at index g (0-dim tensor), causal. lin(module, x, act) runs the blocks'
+    and the obs head's linear layers (`linear`, or `PackedLinears` on CPU). Static shapes, no host syncs: one
     compiled graph per (kind, M)."""
     cfg = model.cfg
     M, nh, E = tok.shape[0], cfg.n_head, cfg.n_embd
@@ -46,7 +85,7 @@ def decode_token(model, tok, kind, g, pos, tasks, ctx_kv, anc_kv, own_kv):
         torch.arange(T, device=tok.device) > g, float('-inf'))  # (T,) this block's keys up to the token
     groups = [ctx_kv] + ([(*anc_kv, None)] if anc_kv else []) + [(*own_kv, own_bias)]  # (k, v, bias) per group
     for l, block in enumerate(model.blocks):
-        q, k, v = block.attn.c_attn(block.ln1(x)).split(E, -1)
+        q, k, v = lin(block.attn.c_attn, block.ln1(x)).split(E, -1)
         q = q.view(M, nh, hd) * hd ** -0.5
         own_kv[0][l].index_copy_(2, g.view(1), k.view(M, nh, 1, hd).to(own_kv[0].dtype))
         own_kv[1][l].index_copy_(2, g.view(1), v.view(M, nh, 1, hd).to(own_kv[1].dtype))
@@ -62,12 +101,12 @@ def decode_token(model, tok, kind, g, pos, tasks, ctx_kv, anc_kv, own_kv):
             G, n = gk.shape[1], gk.shape[3]
             a = att[..., i:i + n].reshape(G, M // G, nh, n).transpose(1, 2)  # (G, nh, M/G, n)
             y, i = y + (a @ gv[l]).transpose(1, 2).reshape(M, E), i + n
-        x = x + block.attn.proj(y)
-        x = x + block.mlp(block.ln2(x))
+        x = x + lin(block.attn.proj, y)
+        x = x + lin(block.mlp[2], lin(block.mlp[0], block.ln2(x), 'gelu'))
     h = model.ln_f(x)  # (M, E)
     if kind == 2:
         return model.q_values(h, tasks)
-    obs = model.head_obs(h).argmax(-1)
+    obs = lin(model.head_obs[2], lin(model.head_obs[0], h, 'relu')).argmax(-1)
     if kind == 0:
         return obs, model.head_rew(h).argmax(-1) - 1, model.head_end(h).argmax(-1)
     return obs
@@ -76,11 +115,12 @@ def decode_token(model, tok, kind, g, pos, tasks, ctx_kv, anc_kv, own_kv):
 class Planner:
     """compile=True compiles decode_token (fixed shapes; batches are padded to a power of two so a run sees few
     shapes). freeze=True also folds the weights into the compiled code (inductor freezing: faster, e.g. no per-call
-    bf16 casts under autocast) -- only for a model that no longer changes (evaluation, not fine-tuning)."""
+    bf16 casts under autocast) -- only for a model that no longer changes (evaluation, not fine-tuning).
+    Eager decoding on CPU uses PackedLinears."""
 
     def __init__(self, model, compile=False, freeze=False):
         self.model, self.compiled = model, compile
-        self.decode = decode_token
+        self.decode, self.lin, self.packed = decode_token, linear, None if compile else PackedLinears(model)
         if compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self.decode = torch.compile(decode_token, dynamic=False, fullgraph=True, options={'freezing': freeze})
@@ -90,11 +130,11 @@ class Planner:
         new state's Q (M, A). pos0 (M,): absolute position of the action token."""
         g = [torch.tensor(j, device=act.device) for j in range(37)]  # token indices as tensors: no recompiles
         args = (tasks, ctx_kv, anc_kv, own_kv)
-        obs0, rew, end = self.decode(self.model, act, 0, g[0], pos0, *args)
+        obs0, rew, end = self.decode(self.model, self.lin, act, 0, g[0], pos0, *args)
         obs = [obs0]
         for j in range(1, 36):  # input obs token j-1 -> obs token j
-            obs.append(self.decode(self.model, obs[-1], 1, g[j], pos0 + j, *args))
-        q = self.decode(self.model, obs[-1], 2, g[36], pos0 + 36, *args)
+            obs.append(self.decode(self.model, self.lin, obs[-1], 1, g[j], pos0 + j, *args))
+        q = self.decode(self.model, self.lin, obs[-1], 2, g[36], pos0 + 36, *args)
         return torch.stack(obs, 1), rew, end, q
 
     @torch.no_grad()
@@ -128,6 +168,8 @@ class Planner:
         # prefill the contexts into a KV cache in the compute dtype; root Q at the last obs token
         amp = torch.is_autocast_enabled(dev.type)
         dtype = torch.get_autocast_dtype(dev.type) if amp else model.pos_emb.weight.dtype
+        if self.packed is not None:
+            self.lin = self.packed.refresh(dtype) if PackedLinears.available(dev, dtype) else linear
         cache = KVCache(cfg, N, dev, dtype)
         h = model(ctx, tasks, cache=cache, pos=torch.zeros_like(ctx_len))
         q = model.q_values(h[ar, ctx_len - 1], tasks)  # (N, A)

@@ -4,6 +4,7 @@ JOWA tests: CPU, tiny configs, the official fixtures (../shared/fixtures), real 
     python -m pytest -q test_jowa.py            # default suite
     python -m pytest -q -m slow test_jowa.py    # end-to-end runs (torchrun DDP, resume, compiled planner)
 """
+import copy
 import gzip
 import hashlib
 import importlib.util
@@ -967,6 +968,29 @@ def test_context_too_long_for_the_horizon_is_an_error(fx, official):
     ctx = fx['inputs']['tokens'][:1, :7 * 37 - 1]
     with pytest.raises(ValueError, match='no room'):
         Planner(official)(ctx, torch.tensor([ctx.shape[1]]), torch.tensor([3]), beam=2, horizon=2)
+
+
+def test_packed_decoding_equals_plain_and_follows_parameter_updates(fx, official):
+    """Eager CPU decoding runs on oneDNN-prepacked weights (plan.PackedLinears). It equals decoding with plain
+    F.linear, and an in-place parameter update (what an optimizer step does while fine-tuning) repacks them."""
+    ctx, lens, tasks, K = mixed_batch(fx)
+    model = copy.deepcopy(official)
+    packed, plain = Planner(model), Planner(model)
+    plain.packed = None  # plain.lin stays plan.linear
+    a, b = (p(ctx, lens, tasks, beam=K, horizon=2, trace=True) for p in (packed, plain))
+    assert packed.lin is not plain.lin
+    for k in ('action', 'actions', 'rewards', 'obs'):
+        assert torch.equal(a[k], b[k]), k
+    for x, y in zip(a['trace'], b['trace']):
+        assert torch.equal(x['obs'], y['obs']) and torch.allclose(x['q'], y['q'], atol=1e-5, equal_nan=True)
+    with torch.no_grad():
+        for p in model.blocks.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    c, d = packed(ctx, lens, tasks, beam=K, horizon=2, trace=True), Planner(model)(ctx, lens, tasks, beam=K, horizon=2,
+                                                                                 trace=True)
+    assert not torch.equal(c['trace'][0]['obs'], a['trace'][0]['obs'])  # the update changed the imagined frames
+    for x, y in zip(c['trace'], d['trace']):  # ...and the reused planner saw it, like a fresh one
+        assert torch.equal(x['obs'], y['obs']) and torch.equal(x['q'], y['q'])
 
 
 @pytest.mark.slow
