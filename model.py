@@ -226,6 +226,26 @@ class KVCache:
         return new
 
 
+def dropout(x, p, training=True):
+    """Inverted dropout. On CPU the mask comes from 16-bit slices of 64-bit random words: one generator call per four
+    elements makes it ~3x faster than F.dropout there (whose per-element Bernoulli draws took a fifth of a bf16
+    training step), and p is rounded to a multiple of 1/65536 (0.1 -> 0.100006). Other devices use F.dropout."""
+    if not training or p == 0:
+        return x
+    if x.device.type != 'cpu':
+        return F.dropout(x, p, True)
+    n, drop = x.numel(), round(p * 65536)
+    r = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)  # all 64 bits uniform
+    keep = r.view(torch.int16)[:n].view(x.shape) >= drop - 32768  # P(keep) = 1 - drop / 65536
+    scale = torch.tensor(65536 / (65536 - drop), dtype=x.dtype, device=x.device)
+    return x * torch.where(keep, scale, 0)  # a mask in x's dtype: multiplying by a bool mask would cast it, twice
+
+
+class Dropout(nn.Dropout):
+    def forward(self, x):
+        return dropout(x, self.p, self.training)
+
+
 class SelfAttention(nn.Module):
 
     def __init__(self, cfg):
@@ -233,14 +253,19 @@ class SelfAttention(nn.Module):
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # official query, key, value stacked in that order
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.resid_drop = Dropout(cfg.dropout)
 
     def forward(self, x, cache=None, layer=0, write_idx=None, mask=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
-        if cache is None:  # whole window from position 0: plain causal attention (FlashAttention on GPU)
+        if cache is None and p > 0 and x.device.type == 'cpu':  # training on CPU: written out for the cheaper
+            # dropout mask (SDPA's math path would draw it with F.dropout); scale and causal mask fused in the matmul
+            causal = torch.full((T, T), float('-inf'), device=x.device).triu(1)  # (T, T) 0 / -inf
+            att = torch.baddbmm(causal, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=(C // self.n_head) ** -0.5)
+            y = dropout(att.softmax(-1), p).view(B, self.n_head, T, T) @ v
+        elif cache is None:  # whole window from position 0: plain causal attention (FlashAttention on GPU)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             # write the new keys/values at their positions, attend over the whole preallocated cache with an
@@ -262,7 +287,7 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
         self.attn = SelfAttention(cfg)
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
-                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), Dropout(cfg.dropout))
 
     def forward(self, x, **kw):
         x = x + self.attn(self.ln1(x), **kw)
@@ -292,7 +317,7 @@ class QHead(nn.Module):
         M, lead = self.w0.shape[0], h.shape[:-1]
         x = h.reshape(1, -1, h.shape[-1]).expand(M, -1, -1)  # (M, N, E)
         x = torch.baddbmm(self.b0[:, None], x, self.w0.transpose(1, 2))
-        x = F.dropout(x, self.p, self.training)  # independent masks per member
+        x = dropout(x, self.p, self.training)  # independent masks per member
         x = F.mish(F.layer_norm(x, x.shape[-1:]) * self.ln0_w[:, None] + self.ln0_b[:, None])
         x = torch.baddbmm(self.b1[:, None], x, self.w1.transpose(1, 2))
         x = F.mish(F.layer_norm(x, x.shape[-1:]) * self.ln1_w[:, None] + self.ln1_b[:, None])
@@ -313,7 +338,7 @@ class JOWA(nn.Module):
         self.act_emb, self.obs_emb = nn.Embedding(cfg.num_actions, E), nn.Embedding(cfg.obs_vocab, E)
         self.task_emb_act, self.task_emb_obs = nn.Embedding(cfg.num_tasks, E), nn.Embedding(cfg.num_tasks, E)
         self.pos_emb = nn.Embedding(cfg.max_tokens, E)  # absolute position inside the current window
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(E)
         self.head_obs, self.head_rew, self.head_end = head(E, cfg.obs_vocab), head(E, 3), head(E, 2)

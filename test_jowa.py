@@ -206,6 +206,47 @@ def test_cached_decode_equals_full_forward_with_per_row_positions():
     assert sel.k.shape[1] == 3 and torch.equal(sel.k[:, 0], cache.k[:, 1])
 
 
+def test_cpu_dropout_keeps_its_rate_scale_and_determinism():
+    x = torch.ones(1 << 20, requires_grad=True)
+    torch.manual_seed(0)
+    y = M.dropout(x, 0.1)
+    kept = y != 0
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    assert abs(kept.float().mean().item() - 0.9) < 2e-3  # 5 sigma of the binomial is 1.5e-3
+    assert torch.equal(y[kept], torch.full_like(y[kept], scale)) and abs(y.mean().item() - 1) < 3e-3
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.equal(x.grad, 2 * y.detach())  # gradient = mask * scale
+    torch.manual_seed(0)
+    assert torch.equal(M.dropout(x, 0.1), y) and not torch.equal(M.dropout(x, 0.1), y)  # seeded, fresh masks
+    z = torch.randn(3, 5).bfloat16()
+    assert M.dropout(z, 0.1, training=False) is z and M.dropout(z, 0.0) is z and M.dropout(z, 0.5).dtype == z.dtype
+    mask = (M.dropout(torch.ones(4, 1 << 16), 0.5) != 0).float()  # the four 16-bit slices of each random word
+    assert (mask.mean(1) - 0.5).abs().max() < 0.01 and abs(torch.corrcoef(mask[:2])[0, 1].item()) < 0.02
+
+
+def test_training_attention_equals_sdpa_without_dropout(monkeypatch):
+    """In training on CPU the attention is written out (for the cheaper dropout mask); with the mask switched off
+    it equals the eval-mode SDPA path, gradients included."""
+    torch.manual_seed(0)
+    cfg = make_config('tiny', q_dropout=0.0)
+    model = JOWA(cfg)
+    b = random_batch(cfg, B=2)
+    tokens = torch.cat([b['observations'], b['actions'][..., None]], -1).flatten(1)
+    outs = []
+    for train in (True, False):
+        model.zero_grad()
+        with monkeypatch.context() as mp:
+            mp.setattr(M, 'dropout', lambda x, p, training=True: x)
+            h = model.train(train)(tokens, b['envs'])
+        h.square().sum().backward()
+        outs.append((h.detach(), [p.grad.clone() for p in model.blocks.parameters()]))
+    (h1, g1), (h2, g2) = outs
+    assert (h1 - h2).abs().max() < 1e-5
+    assert max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(g1, g2)) < 1e-5
+    model.train()
+    torch.manual_seed(1)
+    assert (model(tokens, b['envs']) - h2).abs().max() > 1e-2  # and with dropout on, it does drop
+
 # --- training behaviour -----------------------------------------------------------------------------------------
 
 def test_optimizer_steps_reduce_loss_on_fixed_batch():
