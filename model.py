@@ -260,12 +260,14 @@ class SelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
+        if cache is not None and write_idx is None:  # prefill from position 0: keys/values go to [0, T)
+            cache.k[layer, :, :, :T], cache.v[layer, :, :, :T] = k, v
         if cache is None and p > 0 and x.device.type == 'cpu':  # training on CPU: written out for the cheaper
             # dropout mask (SDPA's math path would draw it with F.dropout); scale and causal mask fused in the matmul
             causal = torch.full((T, T), float('-inf'), device=x.device).triu(1)  # (T, T) 0 / -inf
             att = torch.baddbmm(causal, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=(C // self.n_head) ** -0.5)
             y = dropout(att.softmax(-1), p).view(B, self.n_head, T, T) @ v
-        elif cache is None:  # whole window from position 0: plain causal attention (FlashAttention on GPU)
+        elif cache is None or write_idx is None:  # window from position 0: causal attention (FlashAttention on GPU)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             # write the new keys/values at their positions, attend over the whole preallocated cache with an
@@ -363,17 +365,17 @@ class JOWA(nn.Module):
 
     def forward(self, tokens, tasks, cache=None, pos=None):
         """tokens (B, T) interleaved obs / action ids, tasks (B,) -> hidden states (B, T, E) after ln_f.
-        Without a cache the window starts at position 0. With a cache, pos (B,) is the position of tokens[:, 0]
-        in each row's window; keys/values are written there and each token attends to positions <= its own."""
+        Without a cache, or with a cache and pos None (prefill), the window starts at position 0. With a cache and
+        pos (B,), the position of tokens[:, 0] in each row's window, keys/values are written there and each token
+        attends to the cached positions <= its own."""
         B, T = tokens.shape
-        pos = torch.zeros(B, dtype=torch.long, device=tokens.device) if pos is None else pos
-        p = pos[:, None] + torch.arange(T, device=tokens.device)  # (B, T) absolute positions
+        p = torch.arange(T, device=tokens.device) + (0 if pos is None else pos[:, None])  # (B, T) (or (T,)) positions
         is_act = (p % self.cfg.tokens_per_block) == self.cfg.obs_tokens  # (B, T) action-token positions
         tok = torch.where(is_act[..., None], self.act_emb(tokens * is_act), self.obs_emb(tokens * ~is_act))
         task = torch.where(is_act[..., None], self.task_emb_act(tasks)[:, None], self.task_emb_obs(tasks)[:, None])
         x = self.drop(tok + self.pos_emb(p) + task)
-        kw = {}
-        if cache is not None:
+        kw = {} if cache is None else dict(cache=cache)
+        if cache is not None and pos is not None:
             keys = torch.arange(self.cfg.max_tokens, device=tokens.device)
             kw = dict(cache=cache, write_idx=p, mask=(keys <= p[..., None])[:, None])  # mask (B, 1, T, S)
         for i, block in enumerate(self.blocks):

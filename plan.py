@@ -171,7 +171,7 @@ class Planner:
         if self.packed is not None:
             self.lin = self.packed.refresh(dtype) if PackedLinears.available(dev, dtype) else linear
         cache = KVCache(cfg, N, dev, dtype)
-        h = model(ctx, tasks, cache=cache, pos=torch.zeros_like(ctx_len))
+        h = model(ctx, tasks, cache=cache)  # prefill: causal attention from position 0
         q = model.q_values(h[ar, ctx_len - 1], tasks)  # (N, A)
         ctx_kv = (cache.k[:, :, :, :Tp].contiguous(), cache.v[:, :, :, :Tp].contiguous(),  # (L, N, nh, Tp, hd)
                   torch.zeros(N, 1, 1, Tp, device=dev, dtype=dtype).masked_fill(

@@ -202,6 +202,15 @@ def test_cached_decode_equals_full_forward_with_per_row_positions():
         got = torch.cat(outs, 1)
         want = torch.stack([full[r, n[r]:n[r] + 40] for r in range(2)])
     assert (got - want).abs().max() < 1e-5
+    # prefill without positions (causal attention from position 0) fills the same keys, then decoding goes on
+    pre = KVCache(cfg, 2)
+    with torch.no_grad():
+        assert (model(tokens[:, :150], b['envs'], cache=pre) - full[:, :150]).abs().max() < 1e-5
+        ref = KVCache(cfg, 2)
+        model(tokens[:, :150], b['envs'], cache=ref, pos=torch.zeros(2, dtype=torch.long))
+        assert (pre.k - ref.k).abs().max() < 1e-5 and (pre.v - ref.v).abs().max() < 1e-5
+        nxt = model(tokens[:, 150:160], b['envs'], cache=pre, pos=torch.full((2,), 150))
+    assert (nxt - full[:, 150:160]).abs().max() < 1e-5
     sel = cache.select(torch.tensor([1, 1, 0]))
     assert sel.k.shape[1] == 3 and torch.equal(sel.k[:, 0], cache.k[:, 1])
 
