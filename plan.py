@@ -116,7 +116,8 @@ class Planner:
     """compile=True compiles decode_token (fixed shapes; batches are padded to a power of two so a run sees few
     shapes). freeze=True also folds the weights into the compiled code (inductor freezing: faster, e.g. no per-call
     bf16 casts under autocast) -- only for a model that no longer changes (evaluation, not fine-tuning).
-    Eager decoding on CPU uses PackedLinears."""
+    Eager decoding on CPU uses PackedLinears; on a 2-core CPU that was faster than compiled decoding (40M, one
+    environment, H=2 K=2: 363 ms eager vs 677 ms compiled and frozen, fp32), so compile is meant for GPUs."""
 
     def __init__(self, model, compile=False, freeze=False):
         self.model, self.compiled = model, compile
