@@ -49,7 +49,8 @@ class PackedLinears:
 
     @staticmethod
     def available(device, dtype):
-        return device.type == 'cpu' and torch.backends.mkldnn.is_available() and (
+        onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        return device.type == 'cpu' and onednn and (
             dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
     def refresh(self, dtype):
