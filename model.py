@@ -266,7 +266,7 @@ class SelfAttention(nn.Module):
             # dropout mask (SDPA's math path would draw it with F.dropout); scale and causal mask fused in the matmul
             causal = torch.full((T, T), float('-inf'), device=x.device).triu(1)  # (T, T) 0 / -inf
             hs = C // self.n_head
-            att = torch.baddbmm(causal, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=hs ** -0.5)  # (B*nh, T, T)
+            att = torch.baddbmm(causal, q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=hs ** -0.5)  # (B*nh,T,T)
             y = dropout(att.softmax(-1), p).view(B, self.n_head, T, T) @ v
         elif cache is None or write_idx is None:  # window from position 0: causal attention (FlashAttention on GPU)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
