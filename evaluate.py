@@ -129,7 +129,7 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
     amp = nullcontext() if dtype == 'float32' else torch.autocast(dev.type, dtype=getattr(torch, dtype))
     max_steps, batch = max_steps or cfg.max_steps, batch or (64 if dev.type == 'cuda' else 16)
     planner = Planner(model, compile=cfg.compile, freeze=freeze)
-    tokenizer.to(memory_format=torch.channels_last)  # NHWC convolutions: ~20% faster encoding in oneDNN on CPU
+    tokenizer.to(memory_format=torch.channels_last)  # in place (same values): NHWC convolutions encode ~20% faster
     sets = {g: game_settings(cfg, g, plan, horizon, beam, context) for g in games}
     H = sets[games[0]][1]
     # one slot per (game, rollout): task, beam width, context capacity (blocks), epsilon RNG seeded with the rollout
