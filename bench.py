@@ -6,7 +6,8 @@ each section measures the machine's own matmul peak where it reports a fraction 
     python bench.py ddp [--repeats=3]      # 40M training: 1 process vs 2-rank gloo DDP (scaling), peak RSS
     python bench.py dtype                  # 40M training in fresh processes: fp32 vs bf16 autocast
     python bench.py sampler                # segment sampler throughput and peak RSS on a ~2 GB dataset
-    python bench.py plan [--compile --freeze --threads=1 --envs=1,16 --beams=0,2,4]   # planner decisions/s
+    python bench.py plan [--compile --freeze --threads=1 --envs=1,16 --beams=0,2,4 --jacobi=auto|on|off]
+    python bench.py plan --ckpt=out/ckpt.pt --data=processed --games=Assault   # trained weights, real contexts
 """
 import json
 import os
@@ -25,8 +26,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import data
-from model import JOWA, average_over_ranks, configure_optimizer, make_config, parse_args, task_id
-from plan import Planner
+from model import JOWA, average_over_ranks, configure_optimizer, load_checkpoint, make_config, parse_args, task_id
+from plan import Planner, make_context
 from tokenizer import Tokenizer
 
 
@@ -285,30 +286,74 @@ def planner_flops(cfg, N, ctx_len, K, H, n_valid=18):
     return f
 
 
+def real_contexts(data_dir, games, tokenizer, n, n_ctx, seed=0):
+    """n contexts of n_ctx blocks (n, n_ctx*37 - 1) and their tasks (n,) from processed games whose token cache this
+    tokenizer made, games taking turns; segments without an episode end inside."""
+    key, rng, ctx, tasks = data.tokenizer_key(tokenizer), np.random.default_rng(seed), [], []
+    ds = data.load_dataset(data_dir, games, tokens=True)
+    for d in ds:
+        with open(os.path.join(d['dir'], 'tokens.json')) as f:
+            if json.load(f).get('tokenizer') != key:
+                raise ValueError(f"the token cache in {d['dir']} was made by another tokenizer than the checkpoint's "
+                                 f"(run data.py tokens --data={data_dir} --ckpt=...)")
+    while len(ctx) < n:
+        d = ds[len(ctx) % len(ds)]
+        seg = data.read_segments(d['dir'], rng.integers(0, d['segments'], 1), T=n_ctx, tokens=True)
+        if seg['mask_padding'].all() and not seg['ends'].any():
+            obs, act = (torch.from_numpy(seg[k].astype(np.int64)) for k in ('observations', 'actions'))
+            ctx.append(make_context(obs, act)[0])
+            tasks.append(d['task'])
+    return torch.stack(ctx), torch.tensor(tasks)
+
+
 def bench_plan(argv):
-    """Planner decisions/s (40M, 6-block context, frame encode included): greedy and beam H=2, K=2/4, 1 and 16 envs."""
-    extra = dict(threads=0, repeats=5, envs='1,16', dtypes='float32,bfloat16', beams='0,2,4', freeze=False)
+    """Planner decisions/s (40M, 6-block context, frame encode included): greedy and beam H=2, K=2/4, 1 and 16 envs.
+    Random weights and random contexts by default; --ckpt (and --data, processed games with that checkpoint's token
+    cache) plan with trained weights on real frames, which is what decides how many passes Jacobi decoding takes."""
+    extra = dict(threads=0, repeats=5, envs='1,16', dtypes='float32,bfloat16', beams='0,2,4', freeze=False, ckpt='',
+                 data='', games='Carnival,Assault,SpaceInvaders', jacobi='auto')
     cfg, args = parse_args(['--preset=40M'] + argv, extra)
     if args['threads']:
         torch.set_num_threads(args['threads'])
+    if args['jacobi'] not in ('auto', 'on', 'off'):
+        raise SystemExit(f"error: --jacobi={args['jacobi']}: choose auto, on or off")
+    if args['data'] and not args['ckpt']:
+        raise SystemExit("error: --data needs --ckpt (the tokenizer that made its token cache)")
     torch.manual_seed(0)
-    model, tokenizer = JOWA(cfg).eval(), Tokenizer(cfg).eval().to(memory_format=torch.channels_last)  # as evaluate.py
-    planner = Planner(model, compile=cfg.compile, freeze=args['freeze'])
+    # the encode is timed with a tokenizer of the preset's size (a checkpoint's may be smaller), as evaluate.py runs it
+    tokenizer = Tokenizer(cfg).eval().to(memory_format=torch.channels_last)
+    model, tok_size = JOWA(cfg).eval(), f'{cfg.tok_ch}/{cfg.tok_embed_dim}'
+    if args['ckpt']:
+        try:
+            cfg, model, ckpt_tokenizer = load_checkpoint(args['ckpt'], compile=cfg.compile)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}")
+    planner = Planner(model, compile=cfg.compile, freeze=args['freeze'],
+                      jacobi=dict(auto=None, on=True, off=False)[args['jacobi']])
     n_ctx = 6  # blocks: the longest root context with H = 2
     L = n_ctx * 37 - 1
+    if args['data']:
+        n = max(int(n) for n in args['envs'].split(',')) * (args['repeats'] + 1)
+        try:
+            real = real_contexts(args['data'], args['games'].split(','), ckpt_tokenizer, n, n_ctx)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}")
     # weights every single-token pass reads: the blocks and the obs head (embedding rows are looked up, not streamed)
     weights = sum(p.numel() for n, p in model.named_parameters() if n.startswith(('blocks.', 'ln_f.', 'head_obs.')))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
           f"(timings are only meaningful on an otherwise idle machine), compile={cfg.compile} freeze={args['freeze']}")
-    print(f"40M preset ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), tokenizer "
-          f"{cfg.tok_ch}/{cfg.tok_embed_dim}, context {n_ctx} blocks; medians of {args['repeats']} repeats")
+    print(f"{cfg.preset} preset ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, obs vocabulary "
+          f"{cfg.obs_vocab}, {args['ckpt'] or 'random weights'}), encode timed with a {tok_size} "
+          f"tokenizer, context {n_ctx} blocks "
+          f"({'real frames of ' + args['games'] if args['data'] else 'random tokens'}); medians of {args['repeats']} "
+          f"repeats; passes: Jacobi passes per imagined block (fallbacks to token by token)")
     peaks = {}
     for name in args['dtypes'].split(','):
         dtype = getattr(torch, name)
         peaks[name] = matmul_peak(dtype)
         print(f"matmul peak {name}: {peaks[name] / 1e9:.0f} GFLOP/s")
     print(f"{'dtype':>9} {'envs':>4} {'policy':>12} {'decisions/s':>12} {'vs official':>11} {'plan ms':>8} "
-          f"{'encode ms':>9} {'GFLOP/s':>8} {'of peak':>7}")
+          f"{'encode ms':>9} {'GFLOP/s':>8} {'of peak':>7} {'passes':>10}")
     with torch.no_grad():
         for name in args['dtypes'].split(','):
             amp = nullcontext() if name == 'float32' else torch.autocast('cpu', dtype=getattr(torch, name))
@@ -316,12 +361,19 @@ def bench_plan(argv):
                 ctx = torch.randint(0, cfg.obs_vocab, (N, L))
                 ctx[:, 36::37] = torch.randint(0, 7, (N, n_ctx - 1))  # action tokens of Assault
                 lens, tasks = torch.full((N,), L), torch.full((N,), task_id('Assault'))
+                if args['data']:  # a new set of real contexts for every repeat
+                    ctxs = [real[0][r * N:(r + 1) * N] for r in range(args['repeats'] + 1)]
+                    tasks_r = [real[1][r * N:(r + 1) * N] for r in range(args['repeats'] + 1)]
                 frames = torch.rand(N, 1, 84, 84)
                 for K in [int(k) for k in args['beams'].split(',')]:
                     H = 0 if K == 0 else 2
                     t_enc, t_plan = [], []
                     with amp:
                         for r in range(args['repeats'] + 1):  # the first call warms up (and compiles)
+                            if args['data']:
+                                ctx, tasks = ctxs[r], tasks_r[r]
+                            if r == 1:
+                                planner.stats = dict.fromkeys(planner.stats, 0)
                             t0 = time.perf_counter()
                             tokenizer.encode(frames)
                             t1 = time.perf_counter()
@@ -335,14 +387,17 @@ def bench_plan(argv):
                     flops = planner_flops(cfg, N, L, K, H)
                     vs = f'{dps / OFFICIAL[K]:10.1f}x' if N == 1 and name == 'float32' else ''
                     policy = 'greedy' if K == 0 else f'beam H2 K{K}'
+                    st = planner.stats
+                    passes = f"{st['passes'] / st['blocks']:.2f} ({st['fallbacks']})" if st['blocks'] else '-'
                     print(f"{name:>9} {N:>4} {policy:>12} {dps:>12.2f} {vs:>11} {pl * 1e3:>8.0f} {enc * 1e3:>9.0f} "
-                          f"{flops / pl / 1e9:>8.1f} {flops / pl / peaks[name]:>7.0%}")
+                          f"{flops / pl / 1e9:>8.1f} {flops / pl / peaks[name]:>7.0%} {passes:>10}")
     bw = read_bandwidth()
     gb = 74 * weights * 4 / 1e9
-    print(f"one environment, beam H=2: 74 sequential single-token passes, each reads the blocks and the obs head "
+    print(f"one environment, beam H=2, token by token: 74 sequential single-token passes, each reads the blocks and the obs head "
           f"({weights / 1e6:.1f}M weights): {gb:.1f} GB per decision in fp32, {gb / 2:.1f} GB in bf16; memory read "
           f"bandwidth {bw / 1e9:.1f} GB/s -> at most {bw / 1e9 / gb:.1f} (fp32) / {2 * bw / 1e9 / gb:.1f} (bf16) "
-          f"decisions/s unless the weights stay in cache")
+          f"decisions/s unless the weights stay in cache; with Jacobi decoding each of the 2 imagined "
+          f"blocks takes `passes` passes of up to 37 inputs per candidate instead of 37 single-token passes")
 
 
 

@@ -3,7 +3,8 @@ JOWA's beam-search planner (REFERENCE B§7.2-7.3) as one batched tensor program 
 
 Per environment the input is a token context that ends with the current observation's 36 tokens. Every beam
 node proposes its top-K valid actions by the critic; the world model then plays one step for ALL candidates of
-all environments at once (the action token, then 36 greedy obs tokens: 37 single-token passes through KV caches);
+all environments at once (the action token, then 36 greedy obs tokens through KV caches: token by token, or by
+Jacobi iteration from a guess when there are few candidates -- the same tokens, see Planner.world_step);
 a candidate at depth d scores sum_i gamma^(i-1) r_i + gamma^d max_a Q(s_d, a) and the best K per environment
 survive. The first action of the best depth-H path is returned. H = 0 is the greedy Q policy.
 
@@ -66,78 +67,124 @@ class PackedLinears:
         return torch.ops.mkldnn._linear_pointwise(x.to(b.dtype), w, b, act or 'none', [], 'none' if act else '')
 
 
-def decode_token(model, lin, tok, kind, g, pos, tasks, ctx_kv, anc_kv, own_kv):
-    """One world-model token for all M = N*C candidate rows (C per environment, environment-major).
-    tok (M,) input ids of kind 0: action -> (obs token 0, reward, end); 1: obs token -> next obs token;
-    2: last obs token -> masked expected Q (M, A). pos (M,): absolute positions in the window. A row attends to
-    three key groups, each stored once for the rows that share it: ctx_kv = (k, v, bias), the contexts
-    (L, N, nh, Tp, hd) with bias (N, 1, 1, Tp) 0 / -inf on real / padded positions; anc_kv = (k, v) or None, the
-    parent's earlier imagined blocks (L, N*P, nh, Ta, hd), shared by its children; own_kv = (k, v), this step's
-    block (L, M, nh, 37, hd), written here at index g (0-dim tensor), causal. lin(module, x, act) runs the blocks'
-    and the obs head's linear layers (`linear`, or `PackedLinears` on CPU). Static shapes, no host syncs: one
-    compiled graph per (kind, M)."""
+def decode(model, lin, tok, g, pos, tasks, ctx_kv, anc_kv, own_kv, first, last):
+    """W world-model tokens of the block being imagined for all M = N*C candidate rows (C per environment,
+    environment-major). tok (M, W): the inputs at block indices g..g+W-1 (g a 0-dim tensor; index 0 is the action
+    token, index j > 0 obs token j-1); pos (M,): the absolute position of tok[:, 0]. A row attends to three key
+    groups, each stored once for the rows that share it: ctx_kv = (k, v, bias), the contexts (L, N, nh, Tp, hd) with
+    bias (N, 1, 1, Tp) 0 / -inf on real / padded positions; anc_kv = (k, v) or None, the parent's earlier imagined
+    blocks (L, N*P, nh, Ta, hd), shared by its children; own_kv = (k, v), this block (L, M, nh, 37, hd), written
+    here at indices g..g+W-1, causal. lin(module, x, act) runs the blocks' and the obs head's linear layers
+    (`linear`, or `PackedLinears` on CPU). Returns (obs, rew, end, q): the greedy next obs token after each input
+    (M, W) (index j predicts obs token j; without the last input when last), reward in {-1, 0, 1} and end (M,) from
+    the action token when first (the window starts at index 0), else None, and masked expected Q (M, A) after obs
+    token 35 when last (the window ends at index 36), else None. Static shapes, no host syncs: one compiled graph
+    per (M, W, first, last)."""
     cfg = model.cfg
-    M, nh, E = tok.shape[0], cfg.n_head, cfg.n_embd
-    hd = E // nh
-    emb, task_emb = (model.act_emb, model.task_emb_act) if kind == 0 else (model.obs_emb, model.task_emb_obs)
-    x = emb(tok) + task_emb(tasks) + model.pos_emb(pos)  # (M, E); no dropout: eval mode
-    T = own_kv[0].shape[3]
-    own_bias = torch.zeros(T, device=tok.device, dtype=own_kv[0].dtype).masked_fill(
-        torch.arange(T, device=tok.device) > g, float('-inf'))  # (T,) this block's keys up to the token
+    (M, W), nh, E = tok.shape, cfg.n_head, cfg.n_embd
+    hd, T = E // nh, own_kv[0].shape[3]
+    x = model.obs_emb(tok) + model.task_emb_obs(tasks)[:, None]  # (M, W, E)
+    if first:  # index 0 is the action token
+        x = torch.cat([model.act_emb(tok[:, :1]) + model.task_emb_act(tasks)[:, None], x[:, 1:]], 1)
+    idx = g + torch.arange(W, device=tok.device)  # (W,) block indices of the inputs
+    x = (x + model.pos_emb(pos[:, None] + idx - g)).view(M * W, E)  # no dropout: eval mode
+    own_bias = torch.zeros(W, T, device=tok.device, dtype=own_kv[0].dtype).masked_fill(
+        torch.arange(T, device=tok.device) > idx[:, None], float('-inf'))  # (W, T) this block's keys up to each input
     groups = [ctx_kv] + ([(*anc_kv, None)] if anc_kv else []) + [(*own_kv, own_bias)]  # (k, v, bias) per group
     for l, block in enumerate(model.blocks):
         q, k, v = lin(block.attn.c_attn, block.ln1(x)).split(E, -1)
-        q = q.view(M, nh, hd) * hd ** -0.5
-        own_kv[0][l].index_copy_(2, g.view(1), k.view(M, nh, 1, hd).to(own_kv[0].dtype))
-        own_kv[1][l].index_copy_(2, g.view(1), v.view(M, nh, 1, hd).to(own_kv[1].dtype))
-        # scores against each group: the G rows that share a group's keys form a (G, nh, M/G, keys) batch
+        q = q.view(M, W, nh, hd) * hd ** -0.5
+        own_kv[0][l].index_copy_(2, idx, k.view(M, W, nh, hd).transpose(1, 2).to(own_kv[0].dtype))
+        own_kv[1][l].index_copy_(2, idx, v.view(M, W, nh, hd).transpose(1, 2).to(own_kv[1].dtype))
+        # scores against each group: the G rows that share a group's keys form a (G, nh, M/G*W, keys) batch
         scores = []
         for gk, _, bias in groups:
             G, n = gk.shape[1], gk.shape[3]
-            s = q.view(G, M // G, nh, hd).transpose(1, 2) @ gk[l].transpose(-1, -2)  # (G, nh, M/G, n)
-            scores.append((s if bias is None else s + bias).transpose(1, 2).reshape(M, nh, n))
-        att = torch.cat(scores, -1).softmax(-1, dtype=torch.float32).to(q.dtype)  # (M, nh, all keys)
+            qg = q.view(G, M // G, W, nh, hd).permute(0, 3, 1, 2, 4).reshape(G, nh, M // G * W, hd)
+            s = (qg @ gk[l].transpose(-1, -2)).view(G, nh, M // G, W, n)
+            if bias is not None:  # context padding (N, 1, 1, Tp) or causal (W, 37)
+                s = s + (bias.view(G, 1, 1, 1, n) if bias.dim() == 4 else bias)
+            scores.append(s.permute(0, 2, 3, 1, 4).reshape(M, W, nh, n))
+        att = torch.cat(scores, -1).softmax(-1, dtype=torch.float32).to(q.dtype)  # (M, W, nh, all keys)
         y, i = 0, 0
         for gk, gv, _ in groups:
             G, n = gk.shape[1], gk.shape[3]
-            a = att[..., i:i + n].reshape(G, M // G, nh, n).transpose(1, 2)  # (G, nh, M/G, n)
-            y, i = y + (a @ gv[l]).transpose(1, 2).reshape(M, E), i + n
+            a = att[..., i:i + n].reshape(G, M // G, W, nh, n).permute(0, 3, 1, 2, 4).reshape(G, nh, M // G * W, n)
+            y = y + (a @ gv[l]).view(G, nh, M // G, W, hd).permute(0, 2, 3, 1, 4).reshape(M * W, E)
+            i += n
         x = x + lin(block.attn.proj, y)
         x = x + lin(block.mlp[2], lin(block.mlp[0], block.ln2(x), 'gelu'))
-    h = model.ln_f(x)  # (M, E)
-    if kind == 2:
-        return model.q_values(h, tasks)
-    obs = lin(model.head_obs[2], lin(model.head_obs[0], h, 'relu')).argmax(-1)
-    if kind == 0:
-        return obs, model.head_rew(h).argmax(-1) - 1, model.head_end(h).argmax(-1)
-    return obs
+    h = model.ln_f(x).view(M, W, E)
+    n_obs = W - 1 if last else W
+    obs = lin(model.head_obs[2], lin(model.head_obs[0], h[:, :n_obs].reshape(M * n_obs, E), 'relu'))
+    obs = obs.argmax(-1).view(M, n_obs)
+    rew, end = (model.head_rew(h[:, 0]).argmax(-1) - 1, model.head_end(h[:, 0]).argmax(-1)) if first else (None, None)
+    return obs, rew, end, model.q_values(h[:, -1], tasks) if last else None
 
 
 class Planner:
-    """compile=True compiles decode_token (fixed shapes; batches are padded to a power of two so a run sees few
+    """compile=True compiles `decode` (fixed shapes; batches are padded to a power of two so a run sees few
     shapes). freeze=True also folds the weights into the compiled code (inductor freezing: faster, e.g. no per-call
     bf16 casts under autocast) -- only for a model that no longer changes (evaluation, not fine-tuning).
     Eager decoding on CPU uses PackedLinears; on a 2-core CPU that was faster than compiled decoding (40M, one
-    environment, H=2 K=2: 363 ms eager vs 677 ms compiled and frozen, fp32), so compile is meant for GPUs."""
+    environment, H=2 K=2: 363 ms eager vs 677 ms compiled and frozen, fp32), so compile is meant for GPUs.
 
-    def __init__(self, model, compile=False, freeze=False):
-        self.model, self.compiled = model, compile
-        self.decode, self.lin, self.packed = decode_token, linear, None if compile else PackedLinears(model)
+    jacobi: decode an imagined block by Jacobi iteration (True), token by token (False), or choose by size (None:
+    Jacobi while a pass has at most jacobi_rows rows). Both give the same greedy tokens; see world_step."""
+
+    def __init__(self, model, compile=False, freeze=False, jacobi=None):
+        self.model, self.compiled, self.jacobi = model, compile, jacobi
+        self.decode, self.lin, self.packed = decode, linear, None if compile else PackedLinears(model)
+        # Why a size limit: a Jacobi pass runs 37 inputs per candidate. With few candidates a decode pass is bound by
+        # reading the weights (2-core CPU, 40M fp32: 1 row 3.2 ms, 74 rows 13 ms), so ~2-3 passes of 37 beat 37
+        # passes of 1; with many, the passes are compute-bound and Jacobi's extra rows cost more than they save.
+        self.jacobi_rows = 160 if model.pos_emb.weight.device.type == 'cpu' else 8192  # GPU value: not measured
+        self.max_passes = 4  # Jacobi passes before finishing a block token by token (a poor draft)
+        self.stats = dict(blocks=0, passes=0, fallbacks=0)  # Jacobi world steps, their passes, those that fell back
         if compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self.decode = torch.compile(decode_token, dynamic=False, fullgraph=True, options={'freezing': freeze})
+            self.decode = torch.compile(decode, dynamic=False, fullgraph=True, options={'freezing': freeze})
 
-    def world_step(self, act, pos0, tasks, ctx_kv, anc_kv, own_kv):
-        """B§7.3: the action token, then 36 greedy obs tokens. act (M,) -> obs (M, 36), reward (M,), end (M,) and the
-        new state's Q (M, A). pos0 (M,): absolute position of the action token."""
-        g = [torch.tensor(j, device=act.device) for j in range(37)]  # token indices as tensors: no recompiles
-        args = (tasks, ctx_kv, anc_kv, own_kv)
-        obs0, rew, end = self.decode(self.model, self.lin, act, 0, g[0], pos0, *args)
-        obs = [obs0]
-        for j in range(1, 36):  # input obs token j-1 -> obs token j
-            obs.append(self.decode(self.model, self.lin, obs[-1], 1, g[j], pos0 + j, *args))
-        q = self.decode(self.model, self.lin, obs[-1], 2, g[36], pos0 + 36, *args)
-        return torch.stack(obs, 1), rew, end, q
+    def world_step(self, act, draft, pos0, tasks, ctx_kv, anc_kv, own_kv):
+        """B§7.3: the action token, then 36 greedy obs tokens. act (M,), draft (M, 36): a guess of the new obs (the
+        parent's obs); pos0 (M,): absolute position of the action token. Returns obs (M, 36), reward (M,), end (M,)
+        and the new state's Q (M, A).
+        Token by token this is 37 passes of one input per row. Jacobi decoding (Santilli et al. 2023) runs all inputs
+        [action, guess] in one pass and replaces the guess by the predictions until they agree: the agreed tokens are
+        then exactly the greedy ones (obs j is the argmax given the action and obs < j), and the first wrong guess is
+        right after the next pass, so it ends within 37 passes. Consecutive Atari frames share most tokens, so the
+        parent's obs is a good guess: a trained model agrees after 2-3 passes. Inputs before the first change keep
+        their cached keys/values, so a pass starts there (eager; compiled passes run the whole block: one shape).
+        After max_passes the rest is decoded token by token."""
+        M = act.shape[0]
+        g = [torch.tensor(j, device=act.device) for j in range(37)]  # block indices as tensors: no recompiles
+        run = lambda s, e: self.decode(self.model, self.lin, x[:, s:e], g[s], pos0 + s, tasks, ctx_kv, anc_kv, own_kv,
+                                       s == 0, e == 37)
+        x = torch.cat([act[:, None], draft], 1)  # (M, 37) the block's inputs; x[:, j + 1] is obs token j
+        s = 0  # inputs before s are settled (greedy) and their keys/values cached
+        jacobi = self.jacobi if self.jacobi is not None else 37 * M <= self.jacobi_rows
+        for p in range(self.max_passes if jacobi else 0):
+            w = 0 if self.compiled else s
+            obs, r, e, q = run(w, 37)  # obs (M, 36 - w): predictions for x[:, w + 1:]
+            if w == 0:
+                rew, end = r, e
+            changed = (obs != x[:, w + 1:]).any(0)  # (36 - w,); a host sync per pass
+            self.stats['passes'] += 1
+            if not changed.any():
+                self.stats['blocks'] += 1
+                return x[:, 1:], rew, end, q
+            x[:, w + 1:] = obs
+            s = w + 1 + int(changed.int().argmax())  # the first changed input is now right; recompute from there
+        if jacobi:
+            self.stats['blocks'] += 1
+            self.stats['fallbacks'] += 1
+        for j in range(s, 37):  # token by token: input j -> obs token j (or Q after the last)
+            obs, r, e, q = run(j, j + 1)
+            if j == 0:
+                rew, end = r, e
+            if j < 36:
+                x[:, j + 1] = obs[:, 0]
+        return x[:, 1:], rew, end, q
 
     @torch.no_grad()
     def __call__(self, ctx, ctx_len, tasks, beam=2, horizon=2, trace=False):
@@ -165,7 +212,7 @@ class Planner:
                              f"(at most {Tp} tokens: {cfg.max_blocks - H} blocks)")
         Kmax = min(int(K.max()), A)  # one static width for the batch; narrower environments mask their extra slots
         keff = torch.minimum(K, model.valid[tasks].sum(-1))  # B§7.2: K_eff = min(K, number of valid actions)
-        slots = torch.arange(Kmax, device=dev)
+        slots, obs_idx = torch.arange(Kmax, device=dev), torch.arange(cfg.obs_tokens, device=dev)
 
         # prefill the contexts into a KV cache in the compute dtype; root Q at the last obs token
         amp = torch.is_autocast_enabled(dev.type)
@@ -192,7 +239,9 @@ class Planner:
             ok = (alive[..., None] & (slots < keff[:, None, None])).view(N, C)
             own_kv = [torch.zeros(cfg.n_layer, M, cfg.n_head, T, cfg.n_embd // cfg.n_head, device=dev, dtype=dtype)
                       for _ in range(2)]
-            obs, rew, end, qn = self.world_step(acts.view(M), (ctx_len + T * (d - 1)).repeat_interleave(C),
+            draft = (path['obs'][:, :, -1] if d > 1 else ctx[ar[:, None], ctx_len[:, None] - cfg.obs_tokens + obs_idx]
+                     [:, None]).repeat_interleave(C // P, 1).view(M, -1)  # (M, 36) each parent's obs
+            obs, rew, end, qn = self.world_step(acts.view(M), draft, (ctx_len + T * (d - 1)).repeat_interleave(C),
                                                 tasks.repeat_interleave(C), ctx_kv, anc_kv, own_kv)
             # score = sum_i gamma^(i-1) r_i + gamma^d max_a Q(s_d, a); invalid candidates -inf
             new = dict(actions=acts, rewards=rew.view(N, C).float(), ends=end.view(N, C), obs=obs.view(N, C, -1))

@@ -891,10 +891,7 @@ def test_collect_with_checkpoint_policy(tiny, tmp_path):
 
 @pytest.fixture(scope='module')
 def official(fx):  # the fixture's tiny JOWA in official weights
-    cfg = make_config('tiny', obs_vocab=2048, tok_ch=64, tok_embed_dim=512)
-    model = JOWA(cfg)
-    load_state(model, convert_official_jowa(fx['jowa_state_dict']), 'fixture')
-    return model.eval()
+    return official_model(fx)
 
 
 def fixture_context(fx):
@@ -1043,6 +1040,49 @@ def test_packed_decoding_equals_plain_and_follows_parameter_updates(fx, official
         assert torch.equal(x['obs'], y['obs']) and torch.equal(x['q'], y['q'])
 
 
+def assert_same_plans(a, b):
+    for k in ('action', 'actions', 'rewards', 'ends', 'obs'):
+        assert torch.equal(a[k], b[k]), k
+    for x, y in zip(a['trace'], b['trace']):
+        assert torch.equal(x['obs'], y['obs']) and torch.equal(x['rewards'], y['rewards'])
+        assert torch.allclose(x['q'], y['q'], atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize('max_passes', [1, 3, 37])
+def test_jacobi_decoding_equals_token_by_token(fx, official, max_passes):
+    """Jacobi decoding of the imagined blocks gives exactly the token-by-token greedy frames, whether it agrees
+    within max_passes or finishes a block token by token (this random tiny model is a poor guesser: both happen)."""
+    ctx, lens, tasks, K = mixed_batch(fx)
+    jacobi = Planner(official, jacobi=True)
+    jacobi.max_passes = max_passes
+    a = jacobi(ctx, lens, tasks, beam=K, horizon=2, trace=True)
+    assert_same_plans(a, Planner(official, jacobi=False)(ctx, lens, tasks, beam=K, horizon=2, trace=True))
+    st = jacobi.stats
+    assert st['blocks'] == 2 and st['passes'] >= st['blocks'] and (st['fallbacks'] > 0) == (max_passes < 37)
+
+
+def test_jacobi_pass_counts_follow_the_guess(fx, official):
+    """A world step whose guess is the greedy frame agrees after one pass; a guess with one wrong token still
+    gives exactly that frame, reward, end and Q."""
+    planner, calls = Planner(official, jacobi=True), []
+    step = planner.world_step
+    planner.world_step = lambda *a: calls.append((a, step(*a))) or calls[-1][1]
+    ctx, lens, tasks = fixture_context(fx)
+    planner(ctx, lens, tasks, beam=2, horizon=1)
+    (act, guess, *rest), (obs, rew, end, q) = calls[0]
+    assert not torch.equal(guess, obs)  # the context's last frame was not the answer
+    for j in (None, 0, 20, 35):
+        draft = obs.clone()
+        if j is not None:
+            draft[:, j] = (draft[:, j] + 1) % official.cfg.obs_vocab
+        passes = planner.stats['passes']
+        out = step(act, draft, *rest)
+        if j is None:
+            assert planner.stats['passes'] == passes + 1
+        assert torch.equal(out[0], obs) and torch.equal(out[1], rew) and torch.equal(out[2], end)
+        assert torch.allclose(out[3], q, atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('freeze', [False, True])
 def test_compiled_planner_equals_eager(fx, official, freeze):
@@ -1055,6 +1095,16 @@ def test_compiled_planner_equals_eager(fx, official, freeze):
     assert torch.allclose(eager['value'], compiled['value'], atol=1e-5)
     for a, b in zip(eager['trace'], compiled['trace']):
         assert torch.equal(a['obs'], b['obs']) and torch.allclose(a['score'], b['score'], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_jacobi_decoding_equals_eager(fx, official):
+    # compiled passes run the whole block each time (one shape); max_passes=3 also exercises the token-by-token finish
+    args = (*fixture_context(fx), 2, 2, True)
+    compiled = Planner(official, compile=True, jacobi=True)
+    compiled.max_passes = 3
+    assert_same_plans(compiled(*args), Planner(official, jacobi=False)(*args))
+    assert compiled.stats['fallbacks'] > 0
 
 
 # --- a hand-built world model: beam search finds the 2-step path that greedy misses -----------------------------
