@@ -6,7 +6,7 @@ each section measures the machine's own matmul peak where it reports a fraction 
     python bench.py ddp [--repeats=3]      # 40M training: 1 process vs 2-rank gloo DDP (scaling), peak RSS
     python bench.py dtype                  # 40M training in fresh processes: fp32 vs bf16 autocast
     python bench.py sampler                # segment sampler throughput and peak RSS on a ~2 GB dataset
-    python bench.py plan [--compile --freeze --threads=1 --envs=1,16 --beams=0,2,4 --jacobi=auto|on|off]
+    python bench.py plan [--compile --freeze --threads=1 --envs=1,16 --beams=0,2,4 --jacobi=auto|on|off --max_passes=8]
     python bench.py plan --ckpt=out/ckpt.pt --data=processed --games=Assault   # trained weights, real contexts
 """
 import json
@@ -311,7 +311,7 @@ def bench_plan(argv):
     Random weights and random contexts by default; --ckpt (and --data, processed games with that checkpoint's token
     cache) plan with trained weights on real frames, which is what decides how many passes Jacobi decoding takes."""
     extra = dict(threads=0, repeats=5, envs='1,16', dtypes='float32,bfloat16', beams='0,2,4', freeze=False, ckpt='',
-                 data='', games='Carnival,Assault,SpaceInvaders', jacobi='auto')
+                 data='', games='Carnival,Assault,SpaceInvaders', jacobi='auto', max_passes=0)
     cfg, args = parse_args(['--preset=40M'] + argv, extra)
     if args['threads']:
         torch.set_num_threads(args['threads'])
@@ -330,6 +330,7 @@ def bench_plan(argv):
             raise SystemExit(f"error: {e}")
     planner = Planner(model, compile=cfg.compile, freeze=args['freeze'],
                       jacobi=dict(auto=None, on=True, off=False)[args['jacobi']])
+    planner.max_passes = args['max_passes'] or planner.max_passes
     n_ctx = 6  # blocks: the longest root context with H = 2
     L = n_ctx * 37 - 1
     if args['data']:

@@ -67,51 +67,65 @@ class PackedLinears:
         return torch.ops.mkldnn._linear_pointwise(x.to(b.dtype), w, b, act or 'none', [], 'none' if act else '')
 
 
-def decode(model, lin, tok, g, pos, tasks, ctx_kv, anc_kv, own_kv, first, last):
+def decode(model, lin, tok, g, pos, tasks, groups, first, last):
     """W world-model tokens of the block being imagined for all M = N*C candidate rows (C per environment,
     environment-major). tok (M, W): the inputs at block indices g..g+W-1 (g a 0-dim tensor; index 0 is the action
-    token, index j > 0 obs token j-1); pos (M,): the absolute position of tok[:, 0]. A row attends to three key
-    groups, each stored once for the rows that share it: ctx_kv = (k, v, bias), the contexts (L, N, nh, Tp, hd) with
-    bias (N, 1, 1, Tp) 0 / -inf on real / padded positions; anc_kv = (k, v) or None, the parent's earlier imagined
-    blocks (L, N*P, nh, Ta, hd), shared by its children; own_kv = (k, v), this block (L, M, nh, 37, hd), written
-    here at indices g..g+W-1, causal. lin(module, x, act) runs the blocks' and the obs head's linear layers
-    (`linear`, or `PackedLinears` on CPU). Returns (obs, rew, end, q): the greedy next obs token after each input
-    (M, W) (index j predicts obs token j; without the last input when last), reward in {-1, 0, 1} and end (M,) from
-    the action token when first (the window starts at index 0), else None, and masked expected Q (M, A) after obs
-    token 35 when last (the window ends at index 36), else None. Static shapes, no host syncs: one compiled graph
-    per (M, W, first, last)."""
+    token, index j > 0 obs token j-1); pos (M,): the absolute position of tok[:, 0]. groups: the keys a row attends
+    to, as (k, v, bias) groups (L, G, nh, n, hd), each stored once for the M/G rows that share it, bias None or
+    (G, 1, 1, n') 0 / -inf over the first n' keys. The last group ends with this block's 37 keys (written here at
+    indices g..g+W-1, attended causally), e.g. [context (G = N), parents' earlier imagined blocks (G = N*P), this
+    block (G = M)], or one group of all keys per row (G = M: one attention call per layer). lin(module, x, act) runs
+    the blocks' and the obs head's linear layers (`linear`, or `PackedLinears` on CPU). Returns (obs, rew, end, q):
+    the greedy next obs token after each input (M, W) (index j predicts obs token j; without the last input when
+    last), reward in {-1, 0, 1} and end (M,) from the action token when first (the window starts at index 0), else
+    None, and masked expected Q (M, A) after obs token 35 when last (the window ends at index 36), else None.
+    Static shapes, no host syncs: one compiled graph per (M, W, first, last)."""
     cfg = model.cfg
     (M, W), nh, E = tok.shape, cfg.n_head, cfg.n_embd
-    hd, T = E // nh, own_kv[0].shape[3]
+    hd, dev, kv_dtype = E // nh, tok.device, groups[-1][0].dtype
     x = model.obs_emb(tok) + model.task_emb_obs(tasks)[:, None]  # (M, W, E)
     if first:  # index 0 is the action token
         x = torch.cat([model.act_emb(tok[:, :1]) + model.task_emb_act(tasks)[:, None], x[:, 1:]], 1)
-    idx = g + torch.arange(W, device=tok.device)  # (W,) block indices of the inputs
+    idx = g + torch.arange(W, device=dev)  # (W,) block indices of the inputs
     x = (x + model.pos_emb(pos[:, None] + idx - g)).view(M * W, E)  # no dropout: eval mode
-    own_bias = torch.zeros(W, T, device=tok.device, dtype=own_kv[0].dtype).masked_fill(
-        torch.arange(T, device=tok.device) > idx[:, None], float('-inf'))  # (W, T) this block's keys up to each input
-    groups = [ctx_kv] + ([(*anc_kv, None)] if anc_kv else []) + [(*own_kv, own_bias)]  # (k, v, bias) per group
+    k_last, v_last, b_last = groups[-1]
+    n_last = k_last.shape[3]
+    causal = torch.zeros(W, 37, device=dev, dtype=kv_dtype).masked_fill(
+        torch.arange(37, device=dev) > idx[:, None], float('-inf'))  # (W, 37) this block's keys up to each input
+    G = k_last.shape[1]  # the last group's bias, (G, 1, W, n_last): its first keys', then the causal block
+    b_last = causal.expand(G, 1, W, 37) if b_last is None else torch.cat(
+        [b_last.expand(G, 1, W, n_last - 37), causal.expand(G, 1, W, 37)], -1)
+    groups = groups[:-1] + [(k_last, v_last, b_last)]
     for l, block in enumerate(model.blocks):
         q, k, v = lin(block.attn.c_attn, block.ln1(x)).split(E, -1)
-        q = q.view(M, W, nh, hd) * hd ** -0.5
-        own_kv[0][l].index_copy_(2, idx, k.view(M, W, nh, hd).transpose(1, 2).to(own_kv[0].dtype))
-        own_kv[1][l].index_copy_(2, idx, v.view(M, W, nh, hd).transpose(1, 2).to(own_kv[1].dtype))
-        # scores against each group: the G rows that share a group's keys form a (G, nh, M/G*W, keys) batch
-        scores = []
-        for gk, _, bias in groups:
-            G, n = gk.shape[1], gk.shape[3]
-            qg = q.view(G, M // G, W, nh, hd).permute(0, 3, 1, 2, 4).reshape(G, nh, M // G * W, hd)
-            s = (qg @ gk[l].transpose(-1, -2)).view(G, nh, M // G, W, n)
-            if bias is not None:  # context padding (N, 1, 1, Tp) or causal (W, 37)
-                s = s + (bias.view(G, 1, 1, 1, n) if bias.dim() == 4 else bias)
-            scores.append(s.permute(0, 2, 3, 1, 4).reshape(M, W, nh, n))
-        att = torch.cat(scores, -1).softmax(-1, dtype=torch.float32).to(q.dtype)  # (M, W, nh, all keys)
-        y, i = 0, 0
-        for gk, gv, _ in groups:
-            G, n = gk.shape[1], gk.shape[3]
-            a = att[..., i:i + n].reshape(G, M // G, W, nh, n).permute(0, 3, 1, 2, 4).reshape(G, nh, M // G * W, n)
-            y = y + (a @ gv[l]).view(G, nh, M // G, W, hd).permute(0, 2, 3, 1, 4).reshape(M * W, E)
-            i += n
+        k_last[l].index_copy_(2, n_last - 37 + idx, k.view(M, W, nh, hd).transpose(1, 2).to(kv_dtype))
+        v_last[l].index_copy_(2, n_last - 37 + idx, v.view(M, W, nh, hd).transpose(1, 2).to(kv_dtype))
+        if len(groups) == 1:  # every row has all its keys: one attention call
+            q, k, v, n = q.view(M, W, nh, hd).transpose(1, 2), k_last[l].to(q.dtype), v_last[l].to(q.dtype), n_last
+            if q.dtype == torch.bfloat16 and dev.type == 'cpu':  # 2-core CPU, 40M: ~1.8x faster than SDPA in bf16
+                s = torch.baddbmm(b_last.to(q.dtype).expand(M, nh, W, n).reshape(M * nh, W, n), q.reshape(M * nh, W, hd),
+                                  k.view(M * nh, n, hd).transpose(1, 2), alpha=hd ** -0.5)  # (M*nh, W, n)
+                y = s.softmax(-1, dtype=torch.float32).to(q.dtype).view(M, nh, W, n) @ v
+            else:  # FlashAttention kernel (faster in fp32)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=b_last.to(q.dtype))
+            y = y.transpose(1, 2).reshape(M * W, E)  # (M, nh, W, hd) -> (M*W, E)
+        else:  # scores against each group: its G rows form a (G, nh, M/G*W, keys) batch; one softmax over all
+            q = q.view(M, W, nh, hd) * hd ** -0.5
+            scores = []
+            for gk, _, bias in groups:
+                G, n = gk.shape[1], gk.shape[3]
+                qg = q.view(G, M // G, W, nh, hd).permute(0, 3, 1, 2, 4).reshape(G, nh, M // G * W, hd)
+                s = (qg @ gk[l].transpose(-1, -2)).view(G, nh, M // G, W, n)
+                if bias is not None:  # (G, 1, 1 or W, n)
+                    s = s + bias[:, :, None]
+                scores.append(s.permute(0, 2, 3, 1, 4).reshape(M, W, nh, n))
+            att = torch.cat(scores, -1).softmax(-1, dtype=torch.float32).to(q.dtype)  # (M, W, nh, all keys)
+            y, i = 0, 0
+            for gk, gv, _ in groups:
+                G, n = gk.shape[1], gk.shape[3]
+                a = att[..., i:i + n].reshape(G, M // G, W, nh, n).permute(0, 3, 1, 2, 4).reshape(G, nh, M // G * W, n)
+                y = y + (a @ gv[l]).view(G, nh, M // G, W, hd).permute(0, 2, 3, 1, 4).reshape(M * W, E)
+                i += n
         x = x + lin(block.attn.proj, y)
         x = x + lin(block.mlp[2], lin(block.mlp[0], block.ln2(x), 'gelu'))
     h = model.ln_f(x).view(M, W, E)
@@ -139,13 +153,13 @@ class Planner:
         # reading the weights (2-core CPU, 40M fp32: 1 row 3.2 ms, 74 rows 13 ms), so ~2-3 passes of 37 beat 37
         # passes of 1; with many, the passes are compute-bound and Jacobi's extra rows cost more than they save.
         self.jacobi_rows = 160 if model.pos_emb.weight.device.type == 'cpu' else 8192  # GPU value: not measured
-        self.max_passes = 4  # Jacobi passes before finishing a block token by token (a poor draft)
+        self.max_passes = 8  # Jacobi passes before finishing a block token by token (a poor guess)
         self.stats = dict(blocks=0, passes=0, fallbacks=0)  # Jacobi world steps, their passes, those that fell back
         if compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self.decode = torch.compile(decode, dynamic=False, fullgraph=True, options={'freezing': freeze})
 
-    def world_step(self, act, draft, pos0, tasks, ctx_kv, anc_kv, own_kv):
+    def world_step(self, act, draft, pos0, tasks, groups, jacobi):
         """B§7.3: the action token, then 36 greedy obs tokens. act (M,), draft (M, 36): a guess of the new obs (the
         parent's obs); pos0 (M,): absolute position of the action token. Returns obs (M, 36), reward (M,), end (M,)
         and the new state's Q (M, A).
@@ -158,11 +172,9 @@ class Planner:
         After max_passes the rest is decoded token by token."""
         M = act.shape[0]
         g = [torch.tensor(j, device=act.device) for j in range(37)]  # block indices as tensors: no recompiles
-        run = lambda s, e: self.decode(self.model, self.lin, x[:, s:e], g[s], pos0 + s, tasks, ctx_kv, anc_kv, own_kv,
-                                       s == 0, e == 37)
+        run = lambda s, e: self.decode(self.model, self.lin, x[:, s:e], g[s], pos0 + s, tasks, groups, s == 0, e == 37)
         x = torch.cat([act[:, None], draft], 1)  # (M, 37) the block's inputs; x[:, j + 1] is obs token j
         s = 0  # inputs before s are settled (greedy) and their keys/values cached
-        jacobi = self.jacobi if self.jacobi is not None else 37 * M <= self.jacobi_rows
         for p in range(self.max_passes if jacobi else 0):
             w = 0 if self.compiled else s
             obs, r, e, q = run(w, 37)  # obs (M, 36 - w): predictions for x[:, w + 1:]
@@ -237,12 +249,22 @@ class Planner:
             C, M = P * Kmax, N * P * Kmax
             acts = qs.topk(Kmax, -1).indices.view(N, C)  # each parent's best actions by descending Q
             ok = (alive[..., None] & (slots < keff[:, None, None])).view(N, C)
-            own_kv = [torch.zeros(cfg.n_layer, M, cfg.n_head, T, cfg.n_embd // cfg.n_head, device=dev, dtype=dtype)
-                      for _ in range(2)]
+            few = 37 * M <= self.jacobi_rows  # few candidates: Jacobi decoding, and every row gets all its keys
+            own = [torch.zeros(cfg.n_layer, M, cfg.n_head, T, cfg.n_embd // cfg.n_head, device=dev, dtype=dtype)
+                   for _ in range(2)]
+            if few:  # one group (L, M, nh, Tp + Ta + 37, hd): context, parent's imagined blocks, this block
+                env, par = torch.arange(M, device=dev) // C, torch.arange(M, device=dev) // Kmax
+                k, v = (torch.cat([c[:, env]] + ([a[:, par]] if anc_kv else []) + [o], 3)
+                        for c, a, o in zip(ctx_kv, anc_kv or [None, None], own))
+                bias = F.pad(ctx_kv[2][env], (0, k.shape[3] - Tp - T))  # (M, 1, 1, Tp + Ta): padding -inf
+                groups, own_kv = [(k, v, bias)], (k[:, :, :, -T:], v[:, :, :, -T:])
+            else:  # keys stored once per group of rows that share them
+                groups, own_kv = [ctx_kv] + ([(*anc_kv, None)] if anc_kv else []) + [(*own, None)], own
             draft = (path['obs'][:, :, -1] if d > 1 else ctx[ar[:, None], ctx_len[:, None] - cfg.obs_tokens + obs_idx]
                      [:, None]).repeat_interleave(C // P, 1).view(M, -1)  # (M, 36) each parent's obs
             obs, rew, end, qn = self.world_step(acts.view(M), draft, (ctx_len + T * (d - 1)).repeat_interleave(C),
-                                                tasks.repeat_interleave(C), ctx_kv, anc_kv, own_kv)
+                                                tasks.repeat_interleave(C), groups,
+                                                few if self.jacobi is None else self.jacobi)
             # score = sum_i gamma^(i-1) r_i + gamma^d max_a Q(s_d, a); invalid candidates -inf
             new = dict(actions=acts, rewards=rew.view(N, C).float(), ends=end.view(N, C), obs=obs.view(N, C, -1))
             ret_c = ret.repeat_interleave(Kmax, 1) + cfg.gamma ** (d - 1) * new['rewards']

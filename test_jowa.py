@@ -31,6 +31,7 @@ import data
 import evaluate
 import finetune
 import model as M
+import plan
 import tokenizer
 from model import (JOWA, KVCache, PRESETS, VALID_ACTIONS, JOWAConfig, action_mask, c51_project, configure_optimizer,
                    convert_official_jowa, load_state, make_config, num_params, parse_args, save_checkpoint, task_id)
@@ -1095,6 +1096,31 @@ def test_compiled_planner_equals_eager(fx, official, freeze):
     assert torch.allclose(eager['value'], compiled['value'], atol=1e-5)
     for a, b in zip(eager['trace'], compiled['trace']):
         assert torch.equal(a['obs'], b['obs']) and torch.allclose(a['score'], b['score'], atol=1e-5)
+
+
+def test_all_keys_per_row_equals_shared_key_groups(fx, official):
+    """With few candidates every row gets all its keys in one group (one attention call per layer, written out in
+    bf16 on CPU); otherwise keys are stored once per group of rows that share them. Plans are equal in fp32; in
+    bf16 one teacher-forced block gives the same Q as fp32 in both layouts (greedy plans may part at a near-tie)."""
+    ctx, lens, tasks, K = mixed_batch(fx)
+    dense, grouped = Planner(official, jacobi=False), Planner(official, jacobi=False)
+    dense.jacobi_rows, grouped.jacobi_rows = 10 ** 9, 0
+    calls = {}
+    for name, p in (('dense', dense), ('grouped', grouped)):
+        step = p.world_step
+        p.world_step = lambda *a, name=name, step=step: calls.setdefault(name, a) and step(*a)
+    assert_same_plans(*(p(ctx, lens, tasks, beam=K, horizon=2, trace=True) for p in (dense, grouped)))
+    (act, guess, pos0, rows, groups), (*_, groups2) = calls['dense'][:5], calls['grouped'][:5]
+    assert len(groups) == 1 and len(groups2) == 2  # depth 1: context and this block
+    tok = torch.cat([act[:, None], guess], 1)  # (M, 37) one block, teacher-forced
+    run = lambda g: plan.decode(official, plan.linear, tok, torch.tensor(0), pos0, rows, g, True, True)
+    with torch.no_grad():
+        ref = run(groups)[3]
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            for g in (groups, groups2):
+                q = run(g)[3]
+                fin = torch.isfinite(ref)
+                assert torch.equal(fin, torch.isfinite(q)) and torch.allclose(q[fin], ref[fin], atol=0.05)
 
 
 @pytest.mark.slow
