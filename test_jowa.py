@@ -1050,12 +1050,14 @@ def assert_same_plans(a, b):
 
 
 @pytest.mark.parametrize('max_passes', [1, 3, 37])
-def test_jacobi_decoding_equals_token_by_token(fx, official, max_passes):
+@pytest.mark.parametrize('all_keys', [False, True])
+def test_jacobi_decoding_equals_token_by_token(fx, official, max_passes, all_keys):
     """Jacobi decoding of the imagined blocks gives exactly the token-by-token greedy frames, whether it agrees
-    within max_passes or finishes a block token by token (this random tiny model is a poor guesser: both happen)."""
+    within max_passes or finishes a block token by token (this random tiny model is a poor guesser: both happen),
+    with keys shared by groups of rows or all keys per row."""
     ctx, lens, tasks, K = mixed_batch(fx)
     jacobi = Planner(official, jacobi=True)
-    jacobi.max_passes = max_passes
+    jacobi.max_passes, jacobi.jacobi_rows = max_passes, 10 ** 9 if all_keys else 0
     a = jacobi(ctx, lens, tasks, beam=K, horizon=2, trace=True)
     assert_same_plans(a, Planner(official, jacobi=False)(ctx, lens, tasks, beam=K, horizon=2, trace=True))
     st = jacobi.stats
