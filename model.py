@@ -255,9 +255,9 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.resid_drop = Dropout(cfg.dropout)
 
-    def forward(self, x, cache=None, layer=0, write_idx=None, mask=None):
+    def forward(self, x, cache=None, layer=0, write_idx=None, mask=None, lin=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (lin(self.c_attn, x) if lin else self.c_attn(x)).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
         if cache is not None and write_idx is None:  # prefill from position 0: keys/values go to [0, T)
@@ -279,7 +279,7 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype),
                                                attn_mask=mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_drop(self.proj(y))
+        return lin(self.proj, y) if lin else self.resid_drop(self.proj(y))
 
 
 class Block(nn.Module):
@@ -292,9 +292,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
                                  nn.Linear(4 * cfg.n_embd, cfg.n_embd), Dropout(cfg.dropout))
 
-    def forward(self, x, **kw):
-        x = x + self.attn(self.ln1(x), **kw)
-        return x + self.mlp(self.ln2(x))
+    def forward(self, x, lin=None, **kw):
+        x = x + self.attn(self.ln1(x), lin=lin, **kw)
+        return x + (lin(self.mlp[2], lin(self.mlp[0], self.ln2(x), 'gelu')) if lin else self.mlp(self.ln2(x)))
 
 
 class QHead(nn.Module):
@@ -364,11 +364,14 @@ class JOWA(nn.Module):
         self.head_q_target.eval()  # the target head never uses dropout
         return self
 
-    def forward(self, tokens, tasks, cache=None, pos=None):
+    def forward(self, tokens, tasks, cache=None, pos=None, lin=None):
         """tokens (B, T) interleaved obs / action ids, tasks (B,) -> hidden states (B, T, E) after ln_f.
         Without a cache, or with a cache and pos None (prefill), the window starts at position 0. With a cache and
         pos (B,), the position of tokens[:, 0] in each row's window, keys/values are written there and each token
-        attends to the cached positions <= its own."""
+        attends to the cached positions <= its own. lin(module, x, act): runs the blocks' linear layers, act None or
+        'gelu' (the planner's prepacked weights, plan.PackedLinears); eval mode only (it skips dropout)."""
+        if lin is not None and self.training:
+            raise ValueError("lin= runs the linear layers without dropout: eval mode only")
         B, T = tokens.shape
         p = torch.arange(T, device=tokens.device) + (0 if pos is None else pos[:, None])  # (B, T) (or (T,)) positions
         is_act = (p % self.cfg.tokens_per_block) == self.cfg.obs_tokens  # (B, T) action-token positions
@@ -380,7 +383,7 @@ class JOWA(nn.Module):
             keys = torch.arange(self.cfg.max_tokens, device=tokens.device)
             kw = dict(cache=cache, write_idx=p, mask=(keys <= p[..., None])[:, None])  # mask (B, 1, T, S)
         for i, block in enumerate(self.blocks):
-            x = block(x, layer=i, **kw)
+            x = block(x, layer=i, lin=lin, **kw)
         return self.ln_f(x)
 
     def q_probs(self, h, target=False):

@@ -210,8 +210,13 @@ class Planner:
         N, dev, H, A, T = ctx.shape[0], ctx.device, horizon, cfg.num_actions, cfg.tokens_per_block
         K = torch.as_tensor(beam, device=dev).expand(N)
         ar = torch.arange(N, device=dev)
+        amp = torch.is_autocast_enabled(dev.type)  # the compute dtype
+        dtype = torch.get_autocast_dtype(dev.type) if amp else model.pos_emb.weight.dtype
+        if self.packed is not None:
+            self.lin = self.packed.refresh(dtype) if PackedLinears.available(dev, dtype) else linear
+        lin = self.lin if self.lin is not linear and not model.training else None  # the forward's linears too
         if H == 0:  # greedy: one forward (right padding is invisible to earlier positions under causal attention)
-            q = model.q_values(model(ctx, tasks)[ar, ctx_len - 1], tasks)
+            q = model.q_values(model(ctx, tasks, lin=lin)[ar, ctx_len - 1], tasks)
             return dict(action=q.argmax(-1), q=q)
         if self.compiled and N & (N - 1):  # pad to a power of two (copies of row 0): few shapes to compile
             n2 = 1 << (N - 1).bit_length()
@@ -228,12 +233,8 @@ class Planner:
         slots, obs_idx = torch.arange(Kmax, device=dev), torch.arange(cfg.obs_tokens, device=dev)
 
         # prefill the contexts into a KV cache in the compute dtype; root Q at the last obs token
-        amp = torch.is_autocast_enabled(dev.type)
-        dtype = torch.get_autocast_dtype(dev.type) if amp else model.pos_emb.weight.dtype
-        if self.packed is not None:
-            self.lin = self.packed.refresh(dtype) if PackedLinears.available(dev, dtype) else linear
         cache = KVCache(cfg, N, dev, dtype)
-        h = model(ctx, tasks, cache=cache)  # prefill: causal attention from position 0
+        h = model(ctx, tasks, cache=cache, lin=lin)  # prefill: causal attention from position 0
         q = model.q_values(h[ar, ctx_len - 1], tasks)  # (N, A)
         ctx_kv = (cache.k[:, :, :, :Tp].contiguous(), cache.v[:, :, :, :Tp].contiguous(),  # (L, N, nh, Tp, hd)
                   torch.zeros(N, 1, 1, Tp, device=dev, dtype=dtype).masked_fill(

@@ -1064,6 +1064,16 @@ def test_jacobi_decoding_equals_token_by_token(fx, official, max_passes, all_key
     assert st['blocks'] == 2 and st['passes'] >= st['blocks'] and (st['fallbacks'] > 0) == (max_passes < 37)
 
 
+def test_forward_with_planner_linears_is_eval_only(fx, official):
+    # the planner's prefill runs the forward through its prepacked linears, which skip dropout
+    model = copy.deepcopy(official)
+    tok, tasks = fx['inputs']['tokens'][:1, :73], fx['inputs']['batch']['envs'][:1]
+    with torch.no_grad():
+        assert torch.allclose(model(tok, tasks, lin=plan.linear), model(tok, tasks), atol=1e-6)
+    with pytest.raises(ValueError, match='eval mode'):
+        model.train()(tok, tasks, lin=plan.linear)
+
+
 def test_jacobi_pass_counts_follow_the_guess(fx, official):
     """A world step whose guess is the greedy frame agrees after one pass; a guess with one wrong token still
     gives exactly that frame, reward, end and Q."""
