@@ -96,19 +96,21 @@ def decode(model, lin, tok, g, pos, tasks, groups, first, last):
     b_last = causal.expand(G, 1, W, 37) if b_last is None else torch.cat(
         [b_last.expand(G, 1, W, n_last - 37), causal.expand(G, 1, W, 37)], -1)
     groups = groups[:-1] + [(k_last, v_last, b_last)]
+    if len(groups) == 1 and kv_dtype == torch.bfloat16 and dev.type == 'cpu':  # the written-out attention's bias
+        bias = b_last.expand(M, nh, W, n_last).reshape(M * nh, W, n_last)  # once, not per layer
     for l, block in enumerate(model.blocks):
         q, k, v = lin(block.attn.c_attn, block.ln1(x)).split(E, -1)
         k_last[l].index_copy_(2, n_last - 37 + idx, k.view(M, W, nh, hd).transpose(1, 2).to(kv_dtype))
         v_last[l].index_copy_(2, n_last - 37 + idx, v.view(M, W, nh, hd).transpose(1, 2).to(kv_dtype))
         if len(groups) == 1:  # every row has all its keys: one attention call
-            q, k, v, n = q.view(M, W, nh, hd).transpose(1, 2), k_last[l].to(q.dtype), v_last[l].to(q.dtype), n_last
-            if q.dtype == torch.bfloat16 and dev.type == 'cpu':  # 2-core CPU, 40M: ~1.8x faster than SDPA in bf16
-                bias = b_last.to(q.dtype).expand(M, nh, W, n).reshape(M * nh, W, n)
+            # q is in the compute dtype, which is the keys' dtype (the planner builds the caches in it)
+            q, k, v, n = q.view(M, W, nh, hd).transpose(1, 2), k_last[l], v_last[l], n_last
+            if kv_dtype == torch.bfloat16 and dev.type == 'cpu':  # 2-core CPU, 40M: ~1.8x faster than SDPA in bf16
                 s = torch.baddbmm(bias, q.reshape(M * nh, W, hd), k.view(M * nh, n, hd).transpose(1, 2),
                                   alpha=hd ** -0.5)  # (M*nh, W, n)
                 y = s.softmax(-1, dtype=torch.float32).to(q.dtype).view(M, nh, W, n) @ v
             else:  # FlashAttention kernel (faster in fp32)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=b_last.to(q.dtype))
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=b_last)
             y = y.transpose(1, 2).reshape(M * W, E)  # (M, nh, W, hd) -> (M*W, E)
         else:  # scores against each group: its G rows form a (G, nh, M/G*W, keys) batch; one softmax over all
             q = q.view(M, W, nh, hd) * hd ** -0.5
