@@ -158,36 +158,41 @@ class Planner:
         # passes of 1; with many, the passes are compute-bound and Jacobi's extra rows cost more than they save.
         self.jacobi_rows = 160 if model.pos_emb.weight.device.type == 'cpu' else 8192  # GPU value: not measured
         self.max_passes = 8  # Jacobi passes before finishing a block token by token (a poor guess)
-        self.stats = dict(blocks=0, passes=0, fallbacks=0)  # Jacobi world steps, their passes, those that fell back
-        # Larger batches (see use_jacobi): Jacobi while its recent blocks agreed within jacobi_passes passes; retried
+        self.stats = dict(blocks=0, passes=0, fallbacks=0, inputs=0)  # Jacobi world steps, their passes, those that
+        # fell back, and the inputs per row they ran (a full pass runs 37)
+        # Larger batches (see use_jacobi): Jacobi while its recent blocks cost at most a + b / M full passes, retried
         # every probe_every-th world step of a batch size after it stopped paying
-        self.jacobi_passes, self.probe_every = 2.0, 64
-        self.guess = {}  # candidate rows M -> [world steps of that size, recent Jacobi passes per block or None]
+        self.jacobi_work, self.probe_every = (1.2, 28.0), 64
+        self.guess = {}  # candidate rows M -> [world steps of that size, recent full passes per Jacobi block or None]
         if compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self.decode = torch.compile(decode, dynamic=False, fullgraph=True, options={'freezing': freeze})
 
     def use_jacobi(self, M, few):
         """Whether the next world step of M candidate rows runs Jacobi decoding. With few rows a pass is bound by
-        reading the weights, so Jacobi always pays. With many, a pass is compute-bound and a Jacobi pass costs ~37 token
-        passes: it pays only for a good guesser. 16 environments, 40M, bf16, H=2 K=2 on 2 CPU cores: a trained model
-        whose blocks agree in 1.5 passes plans in 840 ms with Jacobi vs 1,303 ms token by token; one at 6.7 passes
-        (the slowest of 32-64 rows decides) in 2,291 vs 1,167 ms. So the planner tries Jacobi on the first world step
-        of each size and every probe_every-th after, and keeps it while the recent passes per block (a mean over
-        consecutive Jacobi steps, a fallback counting 37) stay within jacobi_passes. Deterministic: the choice depends
-        only on the sequence of world steps, not on timings."""
+        reading the weights, so Jacobi always pays. With many, passes are compute-bound: a Jacobi pass of 37*M rows
+        costs 0.14-0.24 ms per row against 6-8 ms (M = 16), 16-29 ms (64) and 41-79 ms (256) for a token pass of M rows
+        (2-core CPU, 40M, bf16-fp32), so Jacobi pays while a block costs less than ~3, ~1.9 and ~1.2 full passes
+        (passes after the first restart at the first changed input, so they cost less): jacobi_work (a, b) puts the
+        limit at a + b / M. The guess quality is a property of the model and the game, so the planner measures it:
+        Jacobi on the first world step of each size and every probe_every-th after, kept while the recent cost (a
+        mean over consecutive Jacobi steps, a fallback counting 37) stays within the limit. 16 environments, bf16,
+        H=2 K=2: a trained model whose blocks agree in 1.5 passes plans in 840 ms with Jacobi against 1,303 ms token
+        by token; one at 6.7 passes (the slowest of 32-64 rows decides) would take 2,291 ms against 1,167.
+        Deterministic: the choice depends on the sequence of world steps, not on timings."""
         if self.jacobi is not None or few:
             return few if self.jacobi is None else self.jacobi
-        n, p = self.guess.setdefault(M, [0, None])
+        n, w = self.guess.setdefault(M, [0, None])
         self.guess[M][0] += 1
-        return p is None or p <= self.jacobi_passes or n % self.probe_every == 0
+        return w is None or w <= self.jacobi_work[0] + self.jacobi_work[1] / M or n % self.probe_every == 0
 
     def note_guess(self, M, before):
-        """Record the passes of the Jacobi world step of M rows that ended with self.stats (before: the stats
-        before it): the recent mean while Jacobi was kept, a fresh start after a probe."""
+        """Record the cost in full passes of the Jacobi world step of M rows that ended with self.stats (before: the
+        stats before it): the recent mean while Jacobi was kept, a fresh start after a probe."""
         g, st = self.guess[M], self.stats
-        passes = 37 if st['fallbacks'] > before['fallbacks'] else st['passes'] - before['passes']
-        g[1] = (g[1] + passes) / 2 if g[1] is not None and g[1] <= self.jacobi_passes else passes
+        work = 37 if st['fallbacks'] > before['fallbacks'] else (st['inputs'] - before['inputs']) / 37
+        kept = g[1] is not None and g[1] <= self.jacobi_work[0] + self.jacobi_work[1] / M
+        g[1] = (g[1] + work) / 2 if kept else work
 
     def world_step(self, act, draft, pos0, tasks, groups, jacobi):
         """B§7.3: the action token, then 36 greedy obs tokens. act (M,), draft (M, 36): a guess of the new obs (the
@@ -212,6 +217,7 @@ class Planner:
                 rew, end = r, e
             changed = (obs != x[:, w + 1:]).any(0)  # (36 - w,); a host sync per pass
             self.stats['passes'] += 1
+            self.stats['inputs'] += 37 - w
             if not changed.any():
                 self.stats['blocks'] += 1
                 return x[:, 1:], rew, end, q

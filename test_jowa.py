@@ -1067,19 +1067,19 @@ def test_jacobi_decoding_equals_token_by_token(fx, official, max_passes, all_key
 
 def test_large_batches_keep_jacobi_only_while_the_guesses_are_good(fx, official):
     """Above jacobi_rows the planner tries Jacobi on the first world step of each batch size and every probe_every-th
-    after, and keeps it while its blocks agree within jacobi_passes passes; the plans equal token by token."""
+    after, and keeps it while its blocks cost at most a + b / M full passes; the plans equal token by token."""
     ctx, lens, tasks, K = mixed_batch(fx)
     ref = Planner(official, jacobi=False)(ctx, lens, tasks, beam=K, horizon=2, trace=True)
-    for threshold, want in ((2.0, [2, 2, 2, 4]), (37.0, [2, 4, 6, 8])):  # 2 world steps (sizes) per call
+    for limit, want in (((1.5, 0.0), [2, 2, 2, 4]), ((37.0, 0.0), [2, 4, 6, 8])):  # 2 world steps per call
         planner, blocks = Planner(official), []
         planner.jacobi_rows, planner.max_passes, planner.probe_every = 0, 37, 3
-        planner.jacobi_passes = threshold
+        planner.jacobi_work = limit
         for _ in range(4):
             assert_same_plans(planner(ctx, lens, tasks, beam=K, horizon=2, trace=True), ref)
             blocks.append(planner.stats['blocks'])
-        assert blocks == want, threshold
-        # this random tiny model is a poor guesser: its blocks take more than 2 of at most 37 passes
-        assert len(planner.guess) == 2 and all(2 < p <= 37 for _, p in planner.guess.values())
+        assert blocks == want, limit
+        # this random tiny model is a poor guesser: its blocks cost more than 1.5 full passes
+        assert len(planner.guess) == 2 and all(1.5 < w <= 37 for _, w in planner.guess.values())
 
 
 def test_forward_with_planner_linears_is_eval_only(fx, official):
