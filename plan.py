@@ -6,7 +6,8 @@ node proposes its top-K valid actions by the critic; the world model then plays 
 all environments at once (the action token, then 36 greedy obs tokens through KV caches: token by token, or by
 Jacobi iteration from a guess when there are few candidates or the guesses prove good -- the same tokens, see
 Planner.world_step and Planner.use_jacobi); a candidate at depth d scores sum_i gamma^(i-1) r_i + gamma^d
-max_a Q(s_d, a) and the best K per environment survive. The first action of the best depth-H path is returned. H = 0 is the greedy Q policy.
+max_a Q(s_d, a) and the best K per environment survive. The first action of the best depth-H path is returned.
+H = 0 is the greedy Q policy.
 
     planner = Planner(model)                              # model in eval mode; Planner(model, compile=True)
     out = planner(ctx, ctx_len, tasks, beam=2, horizon=2)
