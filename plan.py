@@ -164,33 +164,35 @@ class Planner:
         # Larger batches (see use_jacobi): Jacobi while its recent blocks cost at most a + b / M full passes, retried
         # every probe_every-th world step of a batch size after it stopped paying
         self.jacobi_work, self.probe_every = (1.2, 28.0), 64
-        self.guess = {}  # candidate rows M -> [world steps of that size, recent full passes per Jacobi block or None]
+        self.guess = {}  # (depth, candidate rows M) -> [world steps, recent full passes per Jacobi block or None]
         if compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self.decode = torch.compile(decode, dynamic=False, fullgraph=True, options={'freezing': freeze})
 
-    def use_jacobi(self, M, few):
-        """Whether the next world step of M candidate rows runs Jacobi decoding. With few rows a pass is bound by
-        reading the weights, so Jacobi always pays. With many, passes are compute-bound: a Jacobi pass of 37*M rows
-        costs 0.14-0.24 ms per row against 6-8 ms (M = 16), 16-29 ms (64) and 41-79 ms (256) for a token pass of M rows
-        (2-core CPU, 40M, bf16-fp32), so Jacobi pays while a block costs less than ~3, ~1.9 and ~1.2 full passes
+    def use_jacobi(self, d, M, few):
+        """Whether the next world step at depth d with M candidate rows runs Jacobi decoding. With few rows a pass is
+        bound by reading the weights, so Jacobi always pays. With many, passes are compute-bound: a Jacobi pass of 37*M
+        rows costs 0.14-0.24 ms per row against 6-8 ms (M = 16), 16-29 ms (64) and 41-79 ms (256) for a token pass of M
+        rows (2-core CPU, 40M, bf16-fp32), so Jacobi pays while a block costs less than ~3, ~1.9 and ~1.2 full passes
         (passes after the first restart at the first changed input, so they cost less): jacobi_work (a, b) puts the
-        limit at a + b / M. The guess quality is a property of the model and the game, so the planner measures it:
-        Jacobi on the first world step of each size and every probe_every-th after, kept while the recent cost (a
-        mean over consecutive Jacobi steps, a fallback counting 37) stays within the limit. 16 environments, bf16,
-        H=2 K=2: a trained model whose blocks agree in 1.5 passes plans in 840 ms with Jacobi against 1,303 ms token
-        by token; one at 6.7 passes (the slowest of 32-64 rows decides) would take 2,291 ms against 1,167.
-        Deterministic: the choice depends on the sequence of world steps, not on timings."""
+        limit at a + b / M. The guess quality is a property of the model, the game and the depth (the real frame or an
+        imagined one), so the planner measures it per (depth, M): Jacobi on the first such world step and every
+        probe_every-th after, kept while the recent cost (a mean over consecutive Jacobi steps, a fallback counting 37)
+        stays within the limit. 16 environments, bf16, H=2 K=2: a trained model whose blocks agree in 1.5 passes plans
+        in 840 ms with Jacobi against 1,303 ms token by token; one at 6.7 passes (the slowest of 32-64 rows decides)
+        would take 2,291 ms against 1,167. Deterministic: the choice depends on the sequence of world steps, not on
+        timings."""
         if self.jacobi is not None or few:
             return few if self.jacobi is None else self.jacobi
-        n, w = self.guess.setdefault(M, [0, None])
-        self.guess[M][0] += 1
+        g = self.guess.setdefault((d, M), [0, None])
+        n, w = g
+        g[0] += 1
         return w is None or w <= self.jacobi_work[0] + self.jacobi_work[1] / M or n % self.probe_every == 0
 
-    def note_guess(self, M, before):
-        """Record the cost in full passes of the Jacobi world step of M rows that ended with self.stats (before: the
-        stats before it): the recent mean while Jacobi was kept, a fresh start after a probe."""
-        g, st = self.guess[M], self.stats
+    def note_guess(self, d, M, before):
+        """Record the cost in full passes of the Jacobi world step (depth d, M rows) that ended with self.stats
+        (before: the stats before it): the recent mean while Jacobi was kept, a fresh start after a probe."""
+        g, st = self.guess[d, M], self.stats
         work = 37 if st['fallbacks'] > before['fallbacks'] else (st['inputs'] - before['inputs']) / 37
         kept = g[1] is not None and g[1] <= self.jacobi_work[0] + self.jacobi_work[1] / M
         g[1] = (g[1] + work) / 2 if kept else work
@@ -300,11 +302,11 @@ class Planner:
                 groups, own_kv = [ctx_kv] + ([(*anc_kv, None)] if anc_kv else []) + [(*own, None)], own
             draft = (path['obs'][:, :, -1] if d > 1 else ctx[ar[:, None], ctx_len[:, None] - cfg.obs_tokens + obs_idx]
                      [:, None]).repeat_interleave(C // P, 1).view(M, -1)  # (M, 36) each parent's obs
-            jacobi, before = self.use_jacobi(M, few), dict(self.stats)
+            jacobi, before = self.use_jacobi(d, M, few), dict(self.stats)
             obs, rew, end, qn = self.world_step(acts.view(M), draft, (ctx_len + T * (d - 1)).repeat_interleave(C),
                                                 tasks.repeat_interleave(C), groups, jacobi)
-            if jacobi and M in self.guess:
-                self.note_guess(M, before)
+            if jacobi and (d, M) in self.guess:
+                self.note_guess(d, M, before)
             # score = sum_i gamma^(i-1) r_i + gamma^d max_a Q(s_d, a); invalid candidates -inf
             new = dict(actions=acts, rewards=rew.view(N, C).float(), ends=end.view(N, C), obs=obs.view(N, C, -1))
             ret_c = ret.repeat_interleave(Kmax, 1) + cfg.gamma ** (d - 1) * new['rewards']

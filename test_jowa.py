@@ -1066,8 +1066,9 @@ def test_jacobi_decoding_equals_token_by_token(fx, official, max_passes, all_key
 
 
 def test_large_batches_keep_jacobi_only_while_the_guesses_are_good(fx, official):
-    """Above jacobi_rows the planner tries Jacobi on the first world step of each batch size and every probe_every-th
-    after, and keeps it while its blocks cost at most a + b / M full passes; the plans equal token by token."""
+    """Above jacobi_rows the planner tries Jacobi on the first world step of each depth and size and every
+    probe_every-th after, and keeps it while its blocks cost at most a + b / M full passes. Plans equal token by
+    token."""
     ctx, lens, tasks, K = mixed_batch(fx)
     ref = Planner(official, jacobi=False)(ctx, lens, tasks, beam=K, horizon=2, trace=True)
     for limit, want in (((1.5, 0.0), [2, 2, 2, 4]), ((37.0, 0.0), [2, 4, 6, 8])):  # 2 world steps per call
