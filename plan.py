@@ -197,6 +197,20 @@ class Planner:
         kept = g[1] is not None and g[1] <= self.jacobi_work[0] + self.jacobi_work[1] / M
         g[1] = (g[1] + work) / 2 if kept else work
 
+    def first_guess(self, ctx, ctx_len, h):
+        """The guess of the first imagined frame (N, 36): the model's teacher-forced prediction of the current frame
+        from the prefill's hidden states h (N, T, E) (the obs head at the action token before it and at its first 35
+        tokens), or the real frame for a context of one block. Why: a model imagines frames in its own style (codes it
+        favours where the real frame has rare ones), so its next frame is closer to its reading of the current frame
+        than to the real one. 40M world models on held-out frames, H=2 K=2: the imagined frame differs from the real
+        frame in 14.8 of 36 tokens and from this prediction in 4.7, and depth-1 blocks agree in 3.1 passes instead
+        of 4.2 (the other model: 1.0 instead of 1.5)."""
+        model, N, dev = self.model, ctx.shape[0], ctx.device
+        pos = ctx_len[:, None] - 37 + torch.arange(36, device=dev)  # (N, 36) the positions predicting its tokens
+        hid = h[torch.arange(N, device=dev)[:, None], pos.clamp(min=0)].flatten(0, 1)  # (N*36, E)
+        pred = self.lin(model.head_obs[2], self.lin(model.head_obs[0], hid, 'relu')).argmax(-1).view(N, 36)
+        return torch.where(ctx_len[:, None] > 36, pred, ctx.gather(1, pos + 1))  # token j sits at pos[j] + 1
+
     def world_step(self, act, draft, pos0, tasks, groups, jacobi):
         """B§7.3: the action token, then 36 greedy obs tokens. act (M,), draft (M, 36): a guess of the new obs (the
         parent's obs); pos0 (M,): absolute position of the action token. Returns obs (M, 36), reward (M,), end (M,)
@@ -300,9 +314,12 @@ class Planner:
                 groups, own_kv = [(k, v, bias)], (k[:, :, :, -T:], v[:, :, :, -T:])
             else:  # keys stored once per group of rows that share them
                 groups, own_kv = [ctx_kv] + ([(*anc_kv, None)] if anc_kv else []) + [(*own, None)], own
-            draft = (path['obs'][:, :, -1] if d > 1 else ctx[ar[:, None], ctx_len[:, None] - cfg.obs_tokens + obs_idx]
-                     [:, None]).repeat_interleave(C // P, 1).view(M, -1)  # (M, 36) each parent's obs
             jacobi, before = self.use_jacobi(d, M, few), dict(self.stats)
+            # the guess of the new frame (M, 36), used by Jacobi decoding: each parent's frame; for the real frame
+            # (depth 1), the model's own reading of it
+            draft = (path['obs'][:, :, -1] if d > 1 else self.first_guess(ctx, ctx_len, h) if jacobi else
+                     ctx[ar[:, None], ctx_len[:, None] - cfg.obs_tokens + obs_idx])
+            draft = draft.view(N, -1, cfg.obs_tokens).repeat_interleave(C // P, 1).view(M, -1)
             obs, rew, end, qn = self.world_step(acts.view(M), draft, (ctx_len + T * (d - 1)).repeat_interleave(C),
                                                 tasks.repeat_interleave(C), groups, jacobi)
             if jacobi and (d, M) in self.guess:

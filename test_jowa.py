@@ -1083,6 +1083,25 @@ def test_large_batches_keep_jacobi_only_while_the_guesses_are_good(fx, official)
         assert len(planner.guess) == 2 and all(1.5 < w <= 37 for _, w in planner.guess.values())
 
 
+def test_first_guess_is_the_models_reading_of_the_current_frame(fx, official):
+    """Jacobi's guess of the first imagined frame is the model's teacher-forced prediction of the current frame (the
+    obs head at the action token before it and at its first 35 tokens); the real frame for a one-block context."""
+    ctx, lens, tasks, K = mixed_batch(fx)  # contexts of 6, 3, 1 and 5 blocks
+    planner, drafts = Planner(official, jacobi=True), []
+    step = planner.world_step
+    planner.world_step = lambda *a: drafts.append(a[1].clone()) or step(*a)
+    planner(ctx, lens, tasks, beam=K, horizon=1)
+    draft = drafts[0].view(len(ctx), -1, 36)  # (N, C, 36): every candidate of an environment gets its guess
+    with torch.no_grad():
+        for i, n in enumerate(lens.tolist()):
+            real = ctx[i, n - 36:n]
+            want = real
+            if n > 36:
+                want = official.head_obs(official(ctx[i:i + 1, :n], tasks[i:i + 1])[0, n - 37:n - 1]).argmax(-1)
+                assert not torch.equal(want, real)
+            assert (draft[i] == want).all(), i
+
+
 def test_forward_with_planner_linears_is_eval_only(fx, official):
     # the planner's prefill runs the forward through its prepacked linears, which skip dropout
     model = copy.deepcopy(official)
