@@ -368,20 +368,22 @@ def bench_plan(argv):
         for name in args['dtypes'].split(','):
             amp = nullcontext() if name == 'float32' else torch.autocast('cpu', dtype=getattr(torch, name))
             for N in [int(n) for n in args['envs'].split(',')]:
-                ctx = torch.randint(0, cfg.obs_vocab, (N, L))
-                ctx[:, 36::37] = torch.randint(0, 7, (N, n_ctx - 1))  # action tokens of Assault
-                lens, tasks = torch.full((N,), L), torch.full((N,), task_id('Assault'))
-                if args['data']:  # a new set of real contexts for every repeat
-                    ctxs = [real[0][r * N:(r + 1) * N] for r in range(args['repeats'] + 1)]
-                    tasks_r = [real[1][r * N:(r + 1) * N] for r in range(args['repeats'] + 1)]
-                frames = torch.rand(N, 1, 84, 84)
+                # a new set of contexts for every repeat (how fast Jacobi decoding agrees depends on the context),
+                # the same sets whichever sections run
+                gen, R = torch.Generator().manual_seed(N), args['repeats'] + 1
+                ctxs = torch.randint(0, cfg.obs_vocab, (R, N, L), generator=gen)
+                ctxs[..., 36::37] = torch.randint(0, 7, (R, N, n_ctx - 1), generator=gen)  # action tokens of Assault
+                lens, tasks_r = torch.full((N,), L), torch.full((R, N), task_id('Assault'))
+                if args['data']:  # real contexts
+                    ctxs = [real[0][r * N:(r + 1) * N] for r in range(R)]
+                    tasks_r = [real[1][r * N:(r + 1) * N] for r in range(R)]
+                frames = torch.rand(N, 1, 84, 84, generator=gen)
                 for K in [int(k) for k in args['beams'].split(',')]:
                     H = 0 if K == 0 else 2
                     t_enc, t_plan = [], []
                     with amp:
-                        for r in range(args['repeats'] + 1):  # the first call warms up (and compiles)
-                            if args['data']:
-                                ctx, tasks = ctxs[r], tasks_r[r]
+                        for r in range(R):  # the first call warms up (and compiles)
+                            ctx, tasks = ctxs[r], tasks_r[r]
                             if r == 1:
                                 planner.stats = dict.fromkeys(planner.stats, 0)
                             t0 = time.perf_counter()
