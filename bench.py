@@ -31,7 +31,7 @@ from plan import Planner, make_context
 from tokenizer import Tokenizer
 
 
-def timeit(fn, repeats=5, warmup=1):
+def timeit(fn, repeats=5, warmup=1, stat=statistics.median):
     for _ in range(warmup):
         fn()
     times = []
@@ -39,21 +39,14 @@ def timeit(fn, repeats=5, warmup=1):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return stat(times)
 
 
 def matmul_peak(dtype, n=2048, repeats=10):
     """The machine's own matmul throughput (FLOP/s) for a large square matmul in dtype: the fastest of the repeats
     (a peak; on a shared machine a median can read half of it when a neighbour is busy)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / min(times)
+    return 2 * n ** 3 / timeit(lambda: a @ b, repeats, warmup=3, stat=min)
 
 
 def forward_flops(cfg, B, T):
