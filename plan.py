@@ -76,10 +76,11 @@ def decode(model, lin, tok, g, pos, tasks, groups, first, last):
     (G, 1, 1, n') 0 / -inf over the first n' keys. The last group ends with this block's 37 keys (written here at
     indices g..g+W-1, attended causally), e.g. [context (G = N), parents' earlier imagined blocks (G = N*P), this
     block (G = M)], or one group of all keys per row (G = M: one attention call per layer). lin(module, x, act) runs
-    the blocks' and the obs head's linear layers (`linear`, or `PackedLinears` on CPU). Returns (obs, rew, end, q):
+    the blocks' and the obs head's linear layers (`linear`, or `PackedLinears` on CPU). Returns (obs, rew, end, h):
     the greedy next obs token after each input (M, W) (index j predicts obs token j; without the last input when
     last), reward in {-1, 0, 1} and end (M,) from the action token when first (the window starts at index 0), else
-    None, and masked expected Q (M, A) after obs token 35 when last (the window ends at index 36), else None.
+    None, and the hidden state (M, E) after obs token 35 when last (the window ends at index 36), else None: the
+    caller runs the Q head once the block is final, not on every Jacobi pass.
     Static shapes, no host syncs: one compiled graph per (M, W, first, last)."""
     cfg = model.cfg
     (M, W), nh, E = tok.shape, cfg.n_head, cfg.n_embd
@@ -137,7 +138,7 @@ def decode(model, lin, tok, g, pos, tasks, groups, first, last):
     obs = lin(model.head_obs[2], lin(model.head_obs[0], h[:, :n_obs].reshape(M * n_obs, E), 'relu'))
     obs = obs.argmax(-1).view(M, n_obs)
     rew, end = (model.head_rew(h[:, 0]).argmax(-1) - 1, model.head_end(h[:, 0]).argmax(-1)) if first else (None, None)
-    return obs, rew, end, model.q_values(h[:, -1], tasks) if last else None
+    return obs, rew, end, h[:, -1] if last else None
 
 
 class Planner:
@@ -229,7 +230,7 @@ class Planner:
         s = 0  # inputs before s are settled (greedy) and their keys/values cached
         for p in range(self.max_passes if jacobi else 0):
             w = 0 if self.compiled else s
-            obs, r, e, q = run(w, 37)  # obs (M, 36 - w): predictions for x[:, w + 1:]
+            obs, r, e, hq = run(w, 37)  # obs (M, 36 - w): predictions for x[:, w + 1:]
             if w == 0:
                 rew, end = r, e
             changed = (obs != x[:, w + 1:]).any(0)  # (36 - w,); a host sync per pass
@@ -237,19 +238,19 @@ class Planner:
             self.stats['inputs'] += 37 - w
             if not changed.any():
                 self.stats['blocks'] += 1
-                return x[:, 1:], rew, end, q
+                return x[:, 1:], rew, end, self.model.q_values(hq, tasks)
             x[:, w + 1:] = obs
             s = w + 1 + int(changed.int().argmax())  # the first changed input is now right; recompute from there
         if jacobi:
             self.stats['blocks'] += 1
             self.stats['fallbacks'] += 1
         for j in range(s, 37):  # token by token: input j -> obs token j (or Q after the last)
-            obs, r, e, q = run(j, j + 1)
+            obs, r, e, hq = run(j, j + 1)
             if j == 0:
                 rew, end = r, e
             if j < 36:
                 x[:, j + 1] = obs[:, 0]
-        return x[:, 1:], rew, end, q
+        return x[:, 1:], rew, end, self.model.q_values(hq, tasks)
 
     @torch.no_grad()
     def __call__(self, ctx, ctx_len, tasks, beam=2, horizon=2, trace=False):

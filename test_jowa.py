@@ -1165,10 +1165,11 @@ def test_all_keys_per_row_equals_shared_key_groups(fx, official):
     tok = torch.cat([act[:, None], guess], 1)  # (M, 37) one block, teacher-forced
     run = lambda g: plan.decode(official, plan.linear, tok, torch.tensor(0), pos0, rows, g, True, True)
     with torch.no_grad():
-        ref = run(groups)[3]
+        ref = official.q_values(run(groups)[3], rows)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             for g in (groups, groups2):  # caches in the compute dtype, as the planner builds them
-                q = run([tuple(None if t is None else t.bfloat16() for t in kvb) for kvb in g])[3]
+                q = official.q_values(run([tuple(None if t is None else t.bfloat16() for t in kvb) for kvb in g])[3],
+                                      rows)
                 fin = torch.isfinite(ref)
                 assert torch.equal(fin, torch.isfinite(q)) and torch.allclose(q[fin], ref[fin], atol=0.05)
 
