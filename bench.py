@@ -274,7 +274,11 @@ def planner_flops(cfg, N, ctx_len, K, H, n_valid=18):
     attn = lambda keys: 4 * L * E * keys  # q.k and att.v over `keys` keys
     q_head = 2 * Q * (E * D + D * D + D * cfg.num_actions * cfg.num_atoms)
     obs_head, small_heads = 2 * (E * E + E * V), 2 * (2 * E * E + 5 * E)
-    f = N * (ctx_len * per_token + sum(attn(t + 1) for t in range(ctx_len)) + q_head)  # prefill + root Q
+    # prefill + root Q; the last layer computes keys/values everywhere but its queries, projection and MLP only at
+    # the positions read (the last one, or the last 37 for the first guess too)
+    n_out = 1 if H == 0 else cfg.tokens_per_block
+    f = N * (ctx_len * per_token * (L - 1) / L + sum(attn(t + 1) * (L - 1) / L for t in range(ctx_len)) + q_head)
+    f += N * (ctx_len * 6 * E * E + sum(18 * E * E + attn(t + 1) / L for t in range(ctx_len - n_out, ctx_len)))
     rows, g = N, 0
     if H == 0:
         return f

@@ -255,14 +255,19 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.resid_drop = Dropout(cfg.dropout)
 
-    def forward(self, x, cache=None, layer=0, write_idx=None, mask=None, lin=None):
+    def forward(self, x, cache=None, layer=0, write_idx=None, mask=None, lin=None, rows=None):
         B, T, C = x.shape
         q, k, v = (lin(self.c_attn, x) if lin else self.c_attn(x)).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
         if cache is not None and write_idx is None:  # prefill from position 0: keys/values go to [0, T)
             cache.k[layer, :, :, :T], cache.v[layer, :, :, :T] = k, v
-        if cache is None and p > 0 and x.device.type == 'cpu':  # training on CPU: written out for the cheaper
+        if rows is not None:  # a window from position 0, queries only at positions rows (B, n): causal by position
+            q = q.gather(2, rows[:, None, :, None].expand(-1, self.n_head, -1, C // self.n_head))  # (B, nh, n, hs)
+            causal = (torch.arange(T, device=x.device) <= rows[..., None])[:, None]  # (B, 1, n, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+            T = rows.shape[1]
+        elif cache is None and p > 0 and x.device.type == 'cpu':  # training on CPU: written out for the cheaper
             # dropout mask (SDPA's math path would draw it with F.dropout); scale and causal mask fused in the matmul
             causal = torch.full((T, T), float('-inf'), device=x.device).triu(1)  # (T, T) 0 / -inf
             hs = C // self.n_head
@@ -292,8 +297,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
                                  nn.Linear(4 * cfg.n_embd, cfg.n_embd), Dropout(cfg.dropout))
 
-    def forward(self, x, lin=None, **kw):
-        x = x + self.attn(self.ln1(x), lin=lin, **kw)
+    def forward(self, x, lin=None, rows=None, **kw):
+        y = self.attn(self.ln1(x), lin=lin, rows=rows, **kw)
+        x = (x if rows is None else x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))) + y
         return x + (lin(self.mlp[2], lin(self.mlp[0], self.ln2(x), 'gelu')) if lin else self.mlp(self.ln2(x)))
 
 
@@ -364,14 +370,18 @@ class JOWA(nn.Module):
         self.head_q_target.eval()  # the target head never uses dropout
         return self
 
-    def forward(self, tokens, tasks, cache=None, pos=None, lin=None):
+    def forward(self, tokens, tasks, cache=None, pos=None, lin=None, rows=None):
         """tokens (B, T) interleaved obs / action ids, tasks (B,) -> hidden states (B, T, E) after ln_f.
         Without a cache, or with a cache and pos None (prefill), the window starts at position 0. With a cache and
         pos (B,), the position of tokens[:, 0] in each row's window, keys/values are written there and each token
         attends to the cached positions <= its own. lin(module, x, act): runs the blocks' linear layers, act None or
-        'gelu' (the planner's prepacked weights, plan.PackedLinears); eval mode only (it skips dropout)."""
+        'gelu' (the planner's prepacked weights, plan.PackedLinears); eval mode only (it skips dropout).
+        rows (B, n), window from position 0 only: the hidden states at those positions (B, n, E); the last block
+        runs its attention, projection and MLP only there (the planner's prefill reads 37 of ~220 positions)."""
         if lin is not None and self.training:
             raise ValueError("lin= runs the linear layers without dropout: eval mode only")
+        if rows is not None and pos is not None:
+            raise ValueError("rows= selects outputs of a window from position 0: not with pos=")
         B, T = tokens.shape
         p = torch.arange(T, device=tokens.device) + (0 if pos is None else pos[:, None])  # (B, T) (or (T,)) positions
         is_act = (p % self.cfg.tokens_per_block) == self.cfg.obs_tokens  # (B, T) action-token positions
@@ -383,7 +393,7 @@ class JOWA(nn.Module):
             keys = torch.arange(self.cfg.max_tokens, device=tokens.device)
             kw = dict(cache=cache, write_idx=p, mask=(keys <= p[..., None])[:, None])  # mask (B, 1, T, S)
         for i, block in enumerate(self.blocks):
-            x = block(x, layer=i, lin=lin, **kw)
+            x = block(x, layer=i, lin=lin, rows=rows if i == len(self.blocks) - 1 else None, **kw)
         return self.ln_f(x)
 
     def q_probs(self, h, target=False):

@@ -1112,6 +1112,22 @@ def test_forward_with_planner_linears_is_eval_only(fx, official):
         model.train()(tok, tasks, lin=plan.linear)
 
 
+def test_forward_rows_computes_the_last_block_only_where_asked(fx, official):
+    """rows= (the planner's prefill) returns the hidden states at those positions, per row, and fills the same
+    keys/values as a full prefill: the last block's queries, projection and MLP run only there."""
+    cfg, tok, tasks = official.cfg, fx['inputs']['tokens'][:2, :110], fx['inputs']['batch']['envs'][:2]
+    rows = torch.tensor([[0, 5, 109], [36, 37, 73]])
+    with torch.no_grad():
+        full_cache, part_cache = KVCache(cfg, 2), KVCache(cfg, 2)
+        full = official(tok, tasks, cache=full_cache)
+        part = official(tok, tasks, cache=part_cache, rows=rows)
+    assert part.shape == (2, 3, cfg.n_embd)
+    assert torch.allclose(part, full[torch.arange(2)[:, None], rows], atol=1e-5)
+    assert torch.equal(part_cache.k, full_cache.k) and torch.equal(part_cache.v, full_cache.v)
+    with pytest.raises(ValueError, match='rows='):
+        official(tok[:, :1], tasks, cache=full_cache, pos=torch.tensor([110, 110]), rows=rows[:, :1])
+
+
 def test_jacobi_pass_counts_follow_the_guess(fx, official):
     """A world step whose guess is the greedy frame agrees after one pass; a guess with one wrong token still
     gives exactly that frame, reward, end and Q."""
