@@ -212,10 +212,11 @@ def normalized_score(game, score, kind='human'):
 
 class KVCache:
     """Preallocated keys and values of every layer, each (n_layer, B, n_head, max_tokens, head_dim).
-    Positions are per row (see JOWA.forward), so rows may hold contexts of different lengths."""
+    Positions are per row (see JOWA.forward), so rows may hold contexts of different lengths; length (default
+    max_tokens) is the number of positions held."""
 
-    def __init__(self, cfg, batch, device='cpu', dtype=torch.float32):
-        shape = (cfg.n_layer, batch, cfg.n_head, cfg.max_tokens, cfg.n_embd // cfg.n_head)
+    def __init__(self, cfg, batch, device='cpu', dtype=torch.float32, length=None):
+        shape = (cfg.n_layer, batch, cfg.n_head, length or cfg.max_tokens, cfg.n_embd // cfg.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 

@@ -286,13 +286,13 @@ class Planner:
         slots, obs_idx = torch.arange(Kmax, device=dev), torch.arange(cfg.obs_tokens, device=dev)
 
         # prefill the contexts into a KV cache in the compute dtype; root Q at the last obs token
-        cache = KVCache(cfg, N, dev, dtype)
+        cache = KVCache(cfg, N, dev, dtype, length=Tp)  # the context's keys: imagined blocks are stored apart
         # prefill: causal attention from position 0; hidden states (N, 37, E) only at the last 37 positions (for
         # the first guess and the root Q)
         last = (ctx_len[:, None] - T + torch.arange(T, device=dev)).clamp(min=0)  # (N, 37)
         h = model(ctx, tasks, cache=cache, lin=lin, rows=last)
         q = model.q_values(h[:, -1], tasks)  # (N, A)
-        ctx_kv = (cache.k[:, :, :, :Tp].contiguous(), cache.v[:, :, :, :Tp].contiguous(),  # (L, N, nh, Tp, hd)
+        ctx_kv = (cache.k, cache.v,  # (L, N, nh, Tp, hd)
                   torch.zeros(N, 1, 1, Tp, device=dev, dtype=dtype).masked_fill(
                       (torch.arange(Tp, device=dev) >= ctx_len[:, None])[:, None, None], float('-inf')))
 
@@ -308,16 +308,20 @@ class Planner:
             acts = qs.topk(Kmax, -1).indices.view(N, C)  # each parent's best actions by descending Q
             ok = (alive[..., None] & (slots < keff[:, None, None])).view(N, C)
             few = 37 * M <= self.jacobi_rows  # few candidates: Jacobi decoding, and every row gets all its keys
-            own = [torch.zeros(cfg.n_layer, M, cfg.n_head, T, cfg.n_embd // cfg.n_head, device=dev, dtype=dtype)
-                   for _ in range(2)]
-            if few:  # one group (L, M, nh, Tp + Ta + 37, hd): context, parent's imagined blocks, this block
-                env, par = torch.arange(M, device=dev) // C, torch.arange(M, device=dev) // Kmax
-                k, v = (torch.cat([c[:, env]] + ([a[:, par]] if anc_kv else []) + [o], 3)
-                        for c, a, o in zip(ctx_kv, anc_kv or [None, None], own))
-                bias = F.pad(ctx_kv[2][env], (0, k.shape[3] - Tp - T))  # (M, 1, 1, Tp + Ta): padding -inf
+            n = Tp + (anc_kv[0].shape[3] if anc_kv else 0)  # keys before this block's
+            shape = (cfg.n_layer, M, cfg.n_head, (n if few else 0) + T, cfg.n_embd // cfg.n_head)
+            k, v = (torch.empty(shape, device=dev, dtype=dtype) for _ in range(2))
+            for buf, c, a in zip((k, v), ctx_kv, anc_kv or [None, None]):
+                buf[:, :, :, -T:].zero_()  # this block's keys, written as it is decoded
+                if few:  # one group (L, M, nh, Tp + Ta + 37, hd): context, parent's imagined blocks, this block
+                    buf[:, :, :, :Tp].unflatten(1, (N, C)).copy_(c[:, :, None])  # an environment's for its C rows
+                    if a is not None:
+                        buf[:, :, :, Tp:n].unflatten(1, (N * P, Kmax)).copy_(a[:, :, None])  # a parent's, its children
+            if few:
+                bias = F.pad(ctx_kv[2].repeat_interleave(C, 0), (0, n - Tp))  # (M, 1, 1, Tp + Ta): padding -inf
                 groups, own_kv = [(k, v, bias)], (k[:, :, :, -T:], v[:, :, :, -T:])
             else:  # keys stored once per group of rows that share them
-                groups, own_kv = [ctx_kv] + ([(*anc_kv, None)] if anc_kv else []) + [(*own, None)], own
+                groups, own_kv = [ctx_kv] + ([(*anc_kv, None)] if anc_kv else []) + [(k, v, None)], (k, v)
             jacobi, before = self.use_jacobi(d, M, few), dict(self.stats)
             # the guess of the new frame (M, 36), used by Jacobi decoding: each parent's frame; for the real frame
             # (depth 1), the model's own reading of it
