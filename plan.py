@@ -164,11 +164,13 @@ class Planner:
         # passes of 1; with many, the passes are compute-bound and Jacobi's extra rows cost more than they save.
         self.jacobi_rows = 160 if model.pos_emb.weight.device.type == 'cpu' else 8192  # GPU value: not measured
         self.max_passes = 8  # Jacobi passes before finishing a block token by token (a poor guess)
+        # a pass over more inputs runs in chunks of whole environments (see decode_chunks)
+        self.chunk_rows = 1200 if model.pos_emb.weight.device.type == 'cpu' else 1 << 30  # GPU: no chunks
         self.stats = dict(blocks=0, passes=0, fallbacks=0, inputs=0)  # Jacobi world steps, their passes, those that
         # fell back, and the inputs per row they ran (a full pass runs 37)
-        # Larger batches (see use_jacobi): Jacobi while its recent blocks cost at most a + b / M full passes, retried
-        # every probe_every-th world step of a batch size after it stopped paying
-        self.jacobi_work, self.probe_every = (1.2, 28.0), 64
+        # Larger batches (see use_jacobi): Jacobi while its recent blocks cost at most a + b / sqrt(M) full passes,
+        # retried every probe_every-th world step of a batch size after it stopped paying
+        self.jacobi_work, self.probe_every = (0.6, 11.5), 64
         self.guess = {}  # (depth, candidate rows M) -> [world steps, recent full passes per Jacobi block or None]
         if compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -176,30 +178,33 @@ class Planner:
 
     def use_jacobi(self, d, M, few):
         """Whether the next world step at depth d with M candidate rows runs Jacobi decoding. With few rows a pass is
-        bound by reading the weights, so Jacobi always pays. With many, passes are compute-bound: a Jacobi pass of 37*M
-        rows costs 0.14-0.24 ms per row against 6-8 ms (M = 16), 16-29 ms (64) and 41-79 ms (256) for a token pass of M
-        rows (2-core CPU, 40M, bf16-fp32), so Jacobi pays while a block costs less than ~3, ~1.9 and ~1.2 full passes
-        (passes after the first restart at the first changed input, so they cost less): jacobi_work (a, b) puts the
-        limit at a + b / M. The guess quality is a property of the model, the game and the depth (the real frame or an
-        imagined one), so the planner measures it per (depth, M): Jacobi on the first such world step and every
-        probe_every-th after, kept while the recent cost (a mean over consecutive Jacobi steps, a fallback counting 37)
-        stays within the limit. 16 environments, bf16, H=2 K=2: a trained model whose blocks agree in 1.5 passes plans
-        in 840 ms with Jacobi against 1,303 ms token by token; one at 6.7 passes (the slowest of 32-64 rows decides)
-        would take 2,291 ms against 1,167. Deterministic: the choice depends on the sequence of world steps, not on
-        timings."""
+        bound by reading the weights, so Jacobi always pays. With many, passes are compute-bound: a Jacobi pass of
+        37*M rows (in chunks, see decode_chunks) costs 0.18-0.20 ms per row in fp32 and 0.10-0.11 in bf16, against 9.6
+        / 21 / 58 ms (fp32) and 6.7 / 15 / 36 ms (bf16) for a token pass of M = 16 / 64 / 256 rows (2-core CPU, 40M),
+        so Jacobi pays while a block costs less than 3.0-4.0, 1.9-2.3 and 1.3-1.4 full passes (passes after the first
+        restart at the first changed input cost less): jacobi_work (a, b) puts the limit at a + b / sqrt(M). The guess
+        quality is a property of the model, the game and the depth (the real frame or an imagined one), so the planner
+        measures it per (depth, M): Jacobi on the first such world step and every probe_every-th after, kept while the
+        recent cost (a mean over consecutive Jacobi steps, a fallback counting 37) stays within the limit. 16
+        environments, bf16, H=2 K=2: a trained model whose blocks agree in 1.5 passes plans in 840 ms with Jacobi
+        against 1,303 ms token by token; one at 6.7 passes (the slowest of 32-64 rows decides) would take 2,291 ms
+        against 1,167. Deterministic: the choice depends on the sequence of world steps, not on timings."""
         if self.jacobi is not None or few:
             return few if self.jacobi is None else self.jacobi
         g = self.guess.setdefault((d, M), [0, None])
         n, w = g
         g[0] += 1
-        return w is None or w <= self.jacobi_work[0] + self.jacobi_work[1] / M or n % self.probe_every == 0
+        return w is None or w <= self.jacobi_limit(M) or n % self.probe_every == 0
+
+    def jacobi_limit(self, M):
+        return self.jacobi_work[0] + self.jacobi_work[1] / M ** 0.5  # full passes per block (see use_jacobi)
 
     def note_guess(self, d, M, before):
         """Record the cost in full passes of the Jacobi world step (depth d, M rows) that ended with self.stats
         (before: the stats before it): the recent mean while Jacobi was kept, a fresh start after a probe."""
         g, st = self.guess[d, M], self.stats
         work = 37 if st['fallbacks'] > before['fallbacks'] else (st['inputs'] - before['inputs']) / 37
-        kept = g[1] is not None and g[1] <= self.jacobi_work[0] + self.jacobi_work[1] / M
+        kept = g[1] is not None and g[1] <= self.jacobi_limit(M)
         g[1] = (g[1] + work) / 2 if kept else work
 
     def first_guess(self, ctx, ctx_len, h):
@@ -216,6 +221,24 @@ class Planner:
         pred = self.lin(model.head_obs[2], self.lin(model.head_obs[0], hid, 'relu')).argmax(-1).view(N, 36)
         return torch.where(ctx_len[:, None] > 36, pred, ctx.gather(1, pos + 1))  # token j sits at pos[j] + 1
 
+    def decode_chunks(self, tok, g, pos, tasks, groups, first, last):
+        """decode, in chunks of whole key groups of the first group (environments) when a pass runs more than
+        chunk_rows inputs (a Jacobi pass over many candidates). Why: the pass's scores and activations then stay in
+        cache; 2-core CPU, 16 envs, H=2 K=4, one Jacobi pass of 256 x 37 inputs at depth 2: 3.4 s whole, 2.7 s in
+        chunks of ~1,200 inputs (fp32; bf16 2.1 and 1.7 s)."""
+        (M, W), G0 = tok.shape, groups[0][0].shape[1]
+        per = max(1, self.chunk_rows // (W * M // G0))  # first-group units per chunk
+        if per >= G0:
+            return self.decode(self.model, self.lin, tok, g, pos, tasks, groups, first, last)
+        outs = []
+        for a in range(0, G0, per):
+            b = min(G0, a + per)
+            rows = lambda t, G, dim: None if t is None else t.narrow(dim, a * G // G0, (b - a) * G // G0)
+            part = [(rows(k, k.shape[1], 1), rows(v, k.shape[1], 1), rows(b_, k.shape[1], 0)) for k, v, b_ in groups]
+            r = slice(a * M // G0, b * M // G0)
+            outs.append(self.decode(self.model, self.lin, tok[r], g, pos[r], tasks[r], part, first, last))
+        return tuple(None if o[0] is None else torch.cat(o) for o in zip(*outs))
+
     def world_step(self, act, draft, pos0, tasks, groups, jacobi):
         """B§7.3: the action token, then 36 greedy obs tokens. act (M,), draft (M, 36): a guess of the new obs (the
         parent's obs, see first_guess for depth 1); pos0 (M,): absolute position of the action token. Returns obs (M,
@@ -230,7 +253,7 @@ class Planner:
         M = act.shape[0]
         # block indices: compiled, as tensors (no recompiles)
         g = [torch.tensor(j, device=act.device) for j in range(37)] if self.compiled else list(range(37))
-        run = lambda s, e: self.decode(self.model, self.lin, x[:, s:e], g[s], pos0 + s, tasks, groups, s == 0, e == 37)
+        run = lambda s, e: self.decode_chunks(x[:, s:e], g[s], pos0 + s, tasks, groups, s == 0, e == 37)
         x = torch.cat([act[:, None], draft], 1)  # (M, 37) the block's inputs; x[:, j + 1] is obs token j
         s = 0  # inputs before s are settled (greedy) and their keys/values cached
         for p in range(self.max_passes if jacobi else 0):

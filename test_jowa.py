@@ -1065,10 +1065,26 @@ def test_jacobi_decoding_equals_token_by_token(fx, official, max_passes, all_key
     assert st['blocks'] == 2 and st['passes'] >= st['blocks'] and (st['fallbacks'] > 0) == (max_passes < 37)
 
 
+@pytest.mark.parametrize('all_keys', [False, True])
+def test_passes_in_chunks_of_environments_equal_whole_passes(fx, official, all_keys):
+    """A pass over more than chunk_rows inputs runs in chunks of whole key groups of the first group (environments;
+    rows, when every row has all its keys); plans equal whole passes, Jacobi or token by token."""
+    ctx, lens, tasks, K = mixed_batch(fx)  # Kmax = 5: 25 candidates per environment at depth 2
+    for jacobi in (True, False):
+        whole, parts = Planner(official, jacobi=jacobi), Planner(official, jacobi=jacobi)
+        whole.jacobi_rows = parts.jacobi_rows = 10 ** 9 if all_keys else 0
+        whole.chunk_rows, parts.chunk_rows, rows = 10 ** 9, 1, []
+        step = parts.decode
+        parts.decode = lambda model, lin, tok, *a: rows.append(tok.shape[0]) or step(model, lin, tok, *a)
+        assert_same_plans(parts(ctx, lens, tasks, beam=K, horizon=2, trace=True),
+                          whole(ctx, lens, tasks, beam=K, horizon=2, trace=True))
+        assert max(rows) == (1 if all_keys else 25) and rows.count(max(rows)) >= 4 * 37  # 4 chunks a pass
+
+
 def test_large_batches_keep_jacobi_only_while_the_guesses_are_good(fx, official):
     """Above jacobi_rows the planner tries Jacobi on the first world step of each depth and size and every
-    probe_every-th after, and keeps it while its blocks cost at most a + b / M full passes. Plans equal token by
-    token."""
+    probe_every-th after, and keeps it while its blocks cost at most a + b / sqrt(M) full passes. Plans equal token
+    by token."""
     ctx, lens, tasks, K = mixed_batch(fx)
     ref = Planner(official, jacobi=False)(ctx, lens, tasks, beam=K, horizon=2, trace=True)
     for limit, want in (((1.5, 0.0), [2, 2, 2, 4]), ((37.0, 0.0), [2, 4, 6, 8])):  # 2 world steps per call
