@@ -291,9 +291,10 @@ def planner_flops(cfg, N, ctx_len, K, H, n_valid=18):
     return f
 
 
-def real_contexts(data_dir, games, tokenizer, n, n_ctx, seed=0):
-    """n contexts of n_ctx blocks (n, n_ctx*37 - 1) and their tasks (n,) from processed games whose token cache this
-    tokenizer made, games taking turns; segments without an episode end inside."""
+def real_contexts(data_dir, games, tokenizer, n, n_ctx, steps=1, seed=0):
+    """n contexts of n_ctx blocks at each of `steps` consecutive steps of an episode, (n, steps, n_ctx*37 - 1), and
+    their tasks (n,), from processed games whose token cache this tokenizer made, games taking turns; segments
+    without an episode end inside."""
     key, rng, ctx, tasks = data.tokenizer_key(tokenizer), np.random.default_rng(seed), [], []
     ds = data.load_dataset(data_dir, games, tokens=True)
     for d in ds:
@@ -303,10 +304,10 @@ def real_contexts(data_dir, games, tokenizer, n, n_ctx, seed=0):
                                  f"(run data.py tokens --data={data_dir} --ckpt=...)")
     while len(ctx) < n:
         d = ds[len(ctx) % len(ds)]
-        seg = data.read_segments(d['dir'], rng.integers(0, d['segments'], 1), T=n_ctx, tokens=True)
+        seg = data.read_segments(d['dir'], rng.integers(0, d['segments'], 1), T=n_ctx + steps - 1, tokens=True)
         if seg['mask_padding'].all() and not seg['ends'].any():
             obs, act = (torch.from_numpy(seg[k].astype(np.int64)) for k in ('observations', 'actions'))
-            ctx.append(make_context(obs, act)[0])
+            ctx.append(torch.cat([make_context(obs[:, t:t + n_ctx], act[:, t:t + n_ctx]) for t in range(steps)]))
             tasks.append(d['task'])
     return torch.stack(ctx), torch.tensor(tasks)
 
@@ -314,9 +315,13 @@ def real_contexts(data_dir, games, tokenizer, n, n_ctx, seed=0):
 def bench_plan(argv):
     """Planner decisions/s (40M, 6-block context, frame encode included): greedy and beam H=2, K=2/4, 1 and 16 envs.
     Random weights and random contexts by default; --ckpt (and --data, processed games with that checkpoint's token
-    cache) plan with trained weights on real frames, which is what decides how many passes Jacobi decoding takes."""
+    cache) plan with trained weights on real frames, which is what decides how many passes Jacobi decoding takes.
+    With --data, each timed plan is the second of two consecutive steps of an episode and gets the frame that an
+    untimed plan of the first step imagined as its first guess, as in evaluate.py (--consecutive=False: no guess;
+    the episode's next frame follows the recorded action, not the plan's, so the guess is a little worse than
+    there)."""
     extra = dict(threads=0, repeats=5, envs='1,16', dtypes='float32,bfloat16', beams='0,2,4', freeze=False, ckpt='',
-                 data='', games='Carnival,Assault,SpaceInvaders', jacobi='auto', max_passes=0)
+                 data='', games='Carnival,Assault,SpaceInvaders', jacobi='auto', max_passes=0, consecutive=True)
     cfg, args = parse_args(['--preset=40M'] + argv, extra)
     if args['threads']:
         torch.set_num_threads(args['threads'])
@@ -338,12 +343,15 @@ def bench_plan(argv):
     planner.max_passes = args['max_passes'] or planner.max_passes
     n_ctx = 6  # blocks: the longest root context with H = 2
     L = n_ctx * 37 - 1
-    if args['data']:
+    consecutive = bool(args['data']) and args['consecutive']
+    if args['data']:  # two consecutive steps of maxN * R episode segments
         n = max(int(n) for n in args['envs'].split(',')) * (args['repeats'] + 1)
         try:
-            real = real_contexts(args['data'], args['games'].split(','), ckpt_tokenizer, n, n_ctx)
+            real = real_contexts(args['data'], args['games'].split(','), ckpt_tokenizer, n, n_ctx, steps=2)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}")
+    source = 'random tokens' if not args['data'] else f"real frames of {args['games']}, " + (
+        'first guess from a plan of the previous step' if consecutive else 'no first guess given')
     # weights every single-token pass reads: the blocks and the obs head (embedding rows are looked up, not streamed)
     weights = sum(p.numel() for n, p in model.named_parameters() if n.startswith(('blocks.', 'ln_f.', 'head_obs.')))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} "
@@ -351,7 +359,7 @@ def bench_plan(argv):
     print(f"{cfg.preset} preset ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, obs vocabulary "
           f"{cfg.obs_vocab}, {args['ckpt'] or 'random weights'}), encode timed with a {tok_size} "
           f"tokenizer, context {n_ctx} blocks "
-          f"({'real frames of ' + args['games'] if args['data'] else 'random tokens'}); medians of {args['repeats']} "
+          f"({source}); medians of {args['repeats']} "
           f"repeats; passes: Jacobi passes per imagined block (fallbacks to token by token)")
     peaks = {}
     for name in args['dtypes'].split(','):
@@ -371,8 +379,8 @@ def bench_plan(argv):
                 ctxs = torch.randint(0, cfg.obs_vocab, (R, N, L), generator=gen)
                 ctxs[..., 36::37] = torch.randint(0, 7, (R, N, n_ctx - 1), generator=gen)  # action tokens of Assault
                 lens, tasks_r = torch.full((N,), L), torch.full((R, N), task_id('Assault'))
-                if args['data']:  # real contexts
-                    ctxs = [real[0][r * N:(r + 1) * N] for r in range(R)]
+                if args['data']:  # real contexts: the second step timed, the first for its guess
+                    prev, ctxs = ([real[0][r * N:(r + 1) * N, t] for r in range(R)] for t in (0, 1))
                     tasks_r = [real[1][r * N:(r + 1) * N] for r in range(R)]
                 frames = torch.rand(N, 1, 84, 84, generator=gen)
                 for K in [int(k) for k in args['beams'].split(',')]:
@@ -383,10 +391,15 @@ def bench_plan(argv):
                             ctx, tasks = ctxs[r], tasks_r[r]
                             if r == 1:
                                 planner.stats = dict.fromkeys(planner.stats, 0)
+                            guess = None
+                            if consecutive and H:  # untimed: the previous step's plan, for the first guess
+                                st = dict(planner.stats)
+                                guess = planner(prev[r], lens, tasks, beam=K, horizon=H)['obs'][:, 0]
+                                planner.stats = st
                             t0 = time.perf_counter()
                             tokenizer.encode(frames)
                             t1 = time.perf_counter()
-                            planner(ctx, lens, tasks, beam=max(K, 1), horizon=H)
+                            planner(ctx, lens, tasks, beam=max(K, 1), horizon=H, guess=guess)
                             t2 = time.perf_counter()
                             if r:
                                 t_enc.append(t1 - t0)

@@ -144,6 +144,8 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
     frames = np.concatenate([e.frames for e in envs])  # (N, 84, 84)
     mem = torch.zeros(N, int(cap.max()), T, dtype=torch.long, device=dev)  # token memory: blocks of (36 obs, 1 action)
     nblk = torch.zeros(N, dtype=torch.long, device=dev)
+    # the frame the last plan imagined after its action: the planner's first guess for the next plan (-1: none)
+    guess = torch.full((N, cfg.obs_tokens), -1, dtype=torch.long, device=dev)
     ret, steps, done = np.zeros(N), np.zeros(N, dtype=np.int64), np.zeros(N, dtype=bool)
     video_frames, t0 = [], time.time()
     bar = tqdm(total=N, unit='episode', disable=not verbose, dynamic_ncols=True)
@@ -163,13 +165,16 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
             eps = np.array([rngs[i].random() < cfg.epsilon for i in act])
             for i in act[eps]:
                 actions[i] = rngs[i].choice(valid[i])
+            guess[torch.as_tensor(act[eps], dtype=torch.long, device=dev)] = -1  # no plan this step
             need = act[~eps][np.argsort(K[act[~eps]].cpu().numpy(), kind='stable')]
             for chunk in np.array_split(need, max(1, -(-len(need) // batch))) if len(need) else []:
                 r = torch.as_tensor(chunk, device=dev)
                 nb = int(nblk[r].max())
                 ctx = mem[r, :nb].flatten(1)[:, :-1]  # (n, nb*37 - 1), right-padded
-                out = planner(ctx, nblk[r] * T - 1, tasks[r], beam=K[r], horizon=H)
+                out = planner(ctx, nblk[r] * T - 1, tasks[r], beam=K[r], horizon=H, guess=guess[r])
                 actions[chunk] = out['action'].cpu().numpy()
+                if H:
+                    guess[r] = out['obs'][:, 0]
             mem[rows, nblk[rows] - 1, cfg.obs_tokens] = torch.as_tensor(actions[act], device=dev)
         if video and not done[0]:
             video_frames.append(frames[0].copy())

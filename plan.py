@@ -171,27 +171,30 @@ class Planner:
         # Larger batches (see use_jacobi): Jacobi while its recent blocks cost at most a + b / sqrt(M) full passes,
         # retried every probe_every-th world step of a batch size after it stopped paying
         self.jacobi_work, self.probe_every = (0.6, 11.5), 64
-        self.guess = {}  # (depth, candidate rows M) -> [world steps, recent full passes per Jacobi block or None]
+        self.guess = {}  # (depth, candidate rows M, guess given) -> [world steps, recent full passes per Jacobi block
+        # or None]
         if compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self.decode = torch.compile(decode, dynamic=False, fullgraph=True, options={'freezing': freeze})
 
-    def use_jacobi(self, d, M, few):
-        """Whether the next world step at depth d with M candidate rows runs Jacobi decoding. With few rows a pass is
+    def use_jacobi(self, d, M, few, given=False):
+        """Whether the next world step at depth d with M candidate rows runs Jacobi decoding (given: the caller gave
+        the guess of the first imagined frame, see first_guess). With few rows a pass is
         bound by reading the weights, so Jacobi always pays. With many, passes are compute-bound: a Jacobi pass of
         37*M rows (in chunks, see decode_chunks) costs 0.18-0.20 ms per row in fp32 and 0.10-0.11 in bf16, against 9.6
         / 21 / 58 ms (fp32) and 6.7 / 15 / 36 ms (bf16) for a token pass of M = 16 / 64 / 256 rows (2-core CPU, 40M),
         so Jacobi pays while a block costs less than 3.0-4.0, 1.9-2.3 and 1.3-1.4 full passes (passes after the first
         restart at the first changed input cost less): jacobi_work (a, b) puts the limit at a + b / sqrt(M). The guess
-        quality is a property of the model, the game and the depth (the real frame or an imagined one), so the planner
-        measures it per (depth, M): Jacobi on the first such world step and every probe_every-th after, kept while the
-        recent cost (a mean over consecutive Jacobi steps, a fallback counting 37) stays within the limit. 16
-        environments, bf16, H=2 K=2: a trained model whose blocks agree in 1.5 passes plans in 840 ms with Jacobi
-        against 1,303 ms token by token; one at 6.7 passes (the slowest of 32-64 rows decides) would take 2,291 ms
-        against 1,167. Deterministic: the choice depends on the sequence of world steps, not on timings."""
+        quality is a property of the model, the game, the depth (the real frame or an imagined one) and whether the
+        caller gave a guess, so the planner measures it per (depth, M, given): Jacobi on the first such world step
+        and every probe_every-th after, kept while the recent cost (a mean over consecutive Jacobi steps, a fallback
+        counting 37) stays within the limit. 16 environments, bf16, H=2 K=2: a trained model whose blocks agree in
+        1.5 passes plans in 840 ms with Jacobi against 1,303 ms token by token; one at 6.7 passes (the slowest of
+        32-64 rows decides) would take 2,291 ms against 1,167. Deterministic: the choice depends on the sequence of
+        world steps, not on timings."""
         if self.jacobi is not None or few:
             return few if self.jacobi is None else self.jacobi
-        g = self.guess.setdefault((d, M), [0, None])
+        g = self.guess.setdefault((d, M, given), [0, None])
         n, w = g
         g[0] += 1
         return w is None or w <= self.jacobi_limit(M) or n % self.probe_every == 0
@@ -199,27 +202,31 @@ class Planner:
     def jacobi_limit(self, M):
         return self.jacobi_work[0] + self.jacobi_work[1] / M ** 0.5  # full passes per block (see use_jacobi)
 
-    def note_guess(self, d, M, before):
-        """Record the cost in full passes of the Jacobi world step (depth d, M rows) that ended with self.stats
-        (before: the stats before it): the recent mean while Jacobi was kept, a fresh start after a probe."""
-        g, st = self.guess[d, M], self.stats
+    def note_guess(self, d, M, before, given=False):
+        """Record the cost in full passes of the Jacobi world step (depth d, M rows, given) that ended with
+        self.stats (before: the stats before it): the recent mean while Jacobi was kept, a fresh start after a probe."""
+        g, st = self.guess[d, M, given], self.stats
         work = 37 if st['fallbacks'] > before['fallbacks'] else (st['inputs'] - before['inputs']) / 37
         kept = g[1] is not None and g[1] <= self.jacobi_limit(M)
         g[1] = (g[1] + work) / 2 if kept else work
 
-    def first_guess(self, ctx, ctx_len, h):
-        """The guess of the first imagined frame (N, 36): the model's teacher-forced prediction of the current frame
-        from the prefill's hidden states h (N, 37, E) at the context's last 37 positions (the obs head at the action
-        token before the frame and at its first 35 tokens), or the real frame for a context of one block. Why: a model
-        imagines frames in its own style (codes it favours where the real frame has rare ones), so its next frame is
-        closer to its reading of the current frame than to the real one. 40M world models on held-out frames, H=2 K=2:
-        the imagined frame differs from the real frame in 14.8 of 36 tokens and from this prediction in 4.7, and
-        depth-1 blocks agree in 3.1 passes instead of 4.2 (the other model: 1.0 instead of 1.5)."""
+    def first_guess(self, ctx, ctx_len, h, guess=None):
+        """The guess of the first imagined frame (N, 36): the caller's guess (N, 36) where given (rows without one hold
+        -1), else the model's teacher-forced prediction of the current frame from the prefill's hidden states h (N, 37,
+        E) at the context's last 37 positions (the obs head at the action token before the frame and at its first 35
+        tokens), or the real frame for a context of one block. Why: a model imagines frames in its own style (codes it
+        favours where the real frame has rare ones), so its next frame is closer to its reading of the current frame
+        than to the real one. 40M world models on held-out frames, H=2 K=2: the imagined frame differs from the real
+        frame in 14.8 of 36 tokens and from this prediction in 4.7, and depth-1 blocks agree in 3.1 passes instead of
+        4.2 (the other model: 1.0 instead of 1.5). Closer still is the frame the previous decision imagined for the
+        current step (a caller planning consecutive steps passes it, as evaluate.py does): on consecutive held-out
+        steps, depth-1 blocks of the first model agree in 1.6 passes instead of 3.2 (the other: 1.0 either way)."""
         model, N, dev = self.model, ctx.shape[0], ctx.device
         pos = ctx_len[:, None] - 37 + torch.arange(36, device=dev)  # (N, 36) the positions predicting its tokens
         hid = h[:, :36].flatten(0, 1)  # (N*36, E)
         pred = self.lin(model.head_obs[2], self.lin(model.head_obs[0], hid, 'relu')).argmax(-1).view(N, 36)
-        return torch.where(ctx_len[:, None] > 36, pred, ctx.gather(1, pos + 1))  # token j sits at pos[j] + 1
+        pred = torch.where(ctx_len[:, None] > 36, pred, ctx.gather(1, pos + 1))  # token j sits at pos[j] + 1
+        return pred if guess is None else torch.where(guess >= 0, guess, pred)
 
     def decode_chunks(self, tok, g, pos, tasks, groups, first, last):
         """decode, in chunks of whole key groups of the first group (environments) when a pass runs more than
@@ -281,12 +288,15 @@ class Planner:
         return x[:, 1:], rew, end, self.model.q_values(hq, tasks)
 
     @torch.no_grad()
-    def __call__(self, ctx, ctx_len, tasks, beam=2, horizon=2, trace=False):
+    def __call__(self, ctx, ctx_len, tasks, beam=2, horizon=2, trace=False, guess=None):
         """ctx (N, T) long: right-padded contexts of ctx_len (N,) tokens (n*37 - 1 each, n may differ); tasks (N,);
-        beam: int or (N,) widths K; horizon: H (static). Returns a dict: action (N,), q (N, A) root Q and, for H > 0,
-        the best path: value (N,) its score, actions (N, H), rewards (N, H), ends (N, H), obs (N, H, 36). trace=True
-        adds 'trace': per depth a dict of every candidate's actions, rewards, ends, q, obs, score and valid, shaped
-        (N, C, ...) in the official order (parents by descending score, each parent's actions by descending Q)."""
+        beam: int or (N,) widths K; horizon: H (static). guess: None or (N, 36) long, a guess of the first imagined
+        frame for Jacobi decoding (e.g. the previous decision's obs[:, 0] when its action was taken; -1 rows: none,
+        see first_guess); it changes how fast imagined blocks agree, never the plan. Returns a dict: action (N,), q
+        (N, A) root Q and, for H > 0, the best path: value (N,) its score, actions (N, H), rewards (N, H), ends (N,
+        H), obs (N, H, 36). trace=True adds 'trace': per depth a dict of every candidate's actions, rewards, ends, q,
+        obs, score and valid, shaped (N, C, ...) in the official order (parents by descending score, each parent's
+        actions by descending Q)."""
         model, cfg = self.model, self.model.cfg
         N, dev, H, A, T = ctx.shape[0], ctx.device, horizon, cfg.num_actions, cfg.tokens_per_block
         K = torch.as_tensor(beam, device=dev).expand(N)
@@ -299,16 +309,21 @@ class Planner:
         if H == 0:  # greedy: one forward (right padding is invisible to earlier positions under causal attention)
             q = model.q_values(model(ctx, tasks, lin=lin, rows=ctx_len[:, None] - 1)[:, 0], tasks)
             return dict(action=q.argmax(-1), q=q)
+        if guess is not None and (guess.shape != (N, cfg.obs_tokens) or guess.is_floating_point()
+                                  or bool((guess >= cfg.obs_vocab).any())):
+            raise ValueError(f"guess: expected integer tokens below {cfg.obs_vocab} shaped ({N}, {cfg.obs_tokens}), "
+                             f"got {tuple(guess.shape)} {guess.dtype}")
         if self.compiled and N & (N - 1):  # pad to a power of two (copies of row 0): few shapes to compile
             n2 = 1 << (N - 1).bit_length()
             pad = lambda t: torch.cat([t, t[:1].expand(n2 - N, *t.shape[1:])])
-            out = self(pad(ctx), pad(ctx_len), pad(tasks), pad(K), H, trace)
+            out = self(pad(ctx), pad(ctx_len), pad(tasks), pad(K), H, trace, None if guess is None else pad(guess))
             cut = lambda v: v[:N] if torch.is_tensor(v) else [{k: t[:N] for k, t in d.items()} for d in v]
             return {k: cut(v) for k, v in out.items()}
         Tp = cfg.max_tokens - T * H  # the context must leave room for H imagined blocks
         if ctx.shape[1] > Tp:
             raise ValueError(f"a context of {ctx.shape[1]} tokens leaves no room for {H} imagined blocks "
                              f"(at most {Tp} tokens: {cfg.max_blocks - H} blocks)")
+        has_guess = guess is not None and bool((guess >= 0).any())
         Kmax = min(int(K.max()), A)  # one static width for the batch; narrower environments mask their extra slots
         keff = torch.minimum(K, model.valid[tasks].sum(-1))  # B§7.2: K_eff = min(K, number of valid actions)
         slots, obs_idx = torch.arange(Kmax, device=dev), torch.arange(cfg.obs_tokens, device=dev)
@@ -350,16 +365,17 @@ class Planner:
                 groups, own_kv = [(k, v, bias)], (k[:, :, :, -T:], v[:, :, :, -T:])
             else:  # keys stored once per group of rows that share them
                 groups, own_kv = [ctx_kv] + ([(*anc_kv, None)] if anc_kv else []) + [(k, v, None)], (k, v)
-            jacobi, before = self.use_jacobi(d, M, few), dict(self.stats)
+            given = d == 1 and has_guess
+            jacobi, before = self.use_jacobi(d, M, few, given), dict(self.stats)
             # the guess of the new frame (M, 36), used by Jacobi decoding: each parent's frame; for the real frame
-            # (depth 1), the model's own reading of it
-            draft = (path['obs'][:, :, -1] if d > 1 else self.first_guess(ctx, ctx_len, h) if jacobi else
+            # (depth 1), the caller's guess or the model's own reading of it
+            draft = (path['obs'][:, :, -1] if d > 1 else self.first_guess(ctx, ctx_len, h, guess) if jacobi else
                      ctx[ar[:, None], ctx_len[:, None] - cfg.obs_tokens + obs_idx])
             draft = draft.view(N, -1, cfg.obs_tokens).repeat_interleave(C // P, 1).view(M, -1)
             obs, rew, end, qn = self.world_step(acts.view(M), draft, (ctx_len + T * (d - 1)).repeat_interleave(C),
                                                 tasks.repeat_interleave(C), groups, jacobi)
-            if jacobi and (d, M) in self.guess:
-                self.note_guess(d, M, before)
+            if jacobi and (d, M, given) in self.guess:
+                self.note_guess(d, M, before, given)
             # score = sum_i gamma^(i-1) r_i + gamma^d max_a Q(s_d, a); invalid candidates -inf
             new = dict(actions=acts, rewards=rew.view(N, C).float(), ends=end.view(N, C), obs=obs.view(N, C, -1))
             ret_c = ret.repeat_interleave(Kmax, 1) + cfg.gamma ** (d - 1) * new['rewards']

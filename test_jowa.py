@@ -1166,6 +1166,43 @@ def test_jacobi_pass_counts_follow_the_guess(fx, official):
         assert torch.allclose(out[3], q, atol=1e-5, equal_nan=True)
 
 
+def test_callers_guess_of_the_first_frame_changes_only_the_passes(fx, official):
+    """guess= (evaluate.py passes the frame the previous decision imagined) replaces the first imagined frame's guess
+    where it is >= 0: the exact frame agrees in one pass, any guess gives the token-by-token plans, and a guess that
+    does not fit is a clear error."""
+    ctx, lens, tasks, K = mixed_batch(fx)
+    N, vocab = len(ctx), official.cfg.obs_vocab
+    planner, drafts = Planner(official, jacobi=True), []
+    planner.max_passes = 37
+    step = planner.world_step
+    planner.world_step = lambda *a: drafts.append(a[1].clone()) or step(*a)
+    first = planner(ctx, lens, tasks, beam=1, horizon=1)  # one candidate per environment: its greedy frame
+    assert planner.stats['passes'] > 1  # this random tiny model's own reading is a poor guess
+    passes = planner.stats['passes']
+    again = planner(ctx, lens, tasks, beam=1, horizon=1, guess=first['obs'][:, 0])
+    assert planner.stats['passes'] == passes + 1 and torch.equal(again['obs'], first['obs'])
+    ref = Planner(official, jacobi=False)(ctx, lens, tasks, beam=K, horizon=2, trace=True)
+    guess = torch.randint(0, vocab, (N, 36), generator=torch.Generator().manual_seed(0))
+    guess[1:3] = -1  # no guess for these: the model's own reading
+    drafts.clear()
+    assert_same_plans(planner(ctx, lens, tasks, beam=K, horizon=2, trace=True, guess=guess), ref)
+    own = Planner(official, jacobi=True)
+    own.world_step = lambda *a: drafts.append(a[1].clone()) or Planner.world_step(own, *a)
+    own(ctx, lens, tasks, beam=K, horizon=1)
+    C = drafts[0].shape[0] // N
+    got, want = drafts[0].view(N, C, 36)[:, 0], drafts[-1].view(N, C, 36)[:, 0]
+    assert torch.equal(got[[0, 3]], guess[[0, 3]]) and torch.equal(got[1:3], want[1:3])
+    # large batches measure how well a given guess does apart from the model's own reading (-1 everywhere: none)
+    auto = Planner(official)
+    auto.jacobi_rows = 0
+    for g in (None, guess, torch.full_like(guess, -1)):
+        auto(ctx, lens, tasks, beam=K, horizon=2, guess=g)
+    assert sorted(k[::2] for k in auto.guess) == [(1, False), (1, True), (2, False)]
+    for bad in (guess[:, :35], guess.float(), guess.clamp(min=0) + vocab):
+        with pytest.raises(ValueError, match='guess'):
+            planner(ctx, lens, tasks, beam=K, horizon=2, guess=bad)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('freeze', [False, True])
 def test_compiled_planner_equals_eager(fx, official, freeze):
@@ -1285,13 +1322,20 @@ def tiny_eval():
     return cfg, JOWA(cfg).eval(), Tokenizer(cfg).eval()
 
 
-def test_evaluate_plays_episodes(tiny_eval, tmp_path):
+def test_evaluate_plays_episodes(tiny_eval, tmp_path, monkeypatch):
     from evaluate import evaluate
     cfg, model, tok = tiny_eval
-    video = str(tmp_path / 'ep.npy')
+    video, calls = str(tmp_path / 'ep.npy'), []
+    call = Planner.__call__
+    monkeypatch.setattr(Planner, '__call__', lambda self, *a, **k: calls.append((k['guess'], call(self, *a, **k)))
+                        or calls[-1][1])
     out = evaluate(model, tok, cfg, ['Pong', 'MsPacman'], 2, plan=True, video=video)
     assert set(out) == {'Pong', 'MsPacman'} and all(len(r) == 2 for r in out.values())
     assert np.load(video).shape == (4, 84, 84)  # one frame per agent step of rollout 0
+    # each plan's first guess is the frame the environment's previous plan imagined after its action
+    assert len(calls) == 4 and (calls[0][0] == -1).all()
+    assert all(torch.equal(g, prev['obs'][:, 0]) for (g, _), (_, prev) in zip(calls[1:], calls))
+    monkeypatch.undo()
     out = evaluate(model, tok, cfg, ['Pong'], 3, plan=False, batch=2, vector=False)
     assert len(out['Pong']) == 3
 
