@@ -8,6 +8,7 @@ each section measures the machine's own matmul peak where it reports a fraction 
     python bench.py sampler                # segment sampler throughput and peak RSS on a ~2 GB dataset
     python bench.py plan [--compile --freeze --threads=1 --envs=1,16 --beams=0,2,4 --jacobi=auto|on|off --max_passes=8]
     python bench.py plan --ckpt=out/ckpt.pt --data=processed --games=Assault   # trained weights, real contexts
+                                           # (--consecutive=False: no first guess from the previous step's plan)
 """
 import json
 import os
