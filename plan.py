@@ -166,8 +166,9 @@ class Planner:
         self.max_passes = 8  # Jacobi passes before finishing a block token by token (a poor guess)
         # a pass over more inputs runs in chunks of whole environments (see decode_chunks)
         self.chunk_rows = 1200 if model.pos_emb.weight.device.type == 'cpu' else 1 << 30  # GPU: no chunks
-        self.stats = dict(blocks=0, passes=0, fallbacks=0, inputs=0)  # Jacobi world steps, their passes, those that
-        # fell back, and the inputs per row they ran (a full pass runs 37)
+        self.stats = dict(blocks=0, passes=0, fallbacks=0, inputs=0, rest=0)  # Jacobi world steps, their passes,
+        # those that fell back, the inputs per row their passes ran (a full pass runs 37; rows that were not run count
+        # 0) and the token passes after fallbacks
         # Larger batches (see use_jacobi): Jacobi while its recent blocks cost at most a + b / sqrt(M) full passes,
         # retried every probe_every-th world step of a batch size after it stopped paying
         self.jacobi_work, self.probe_every = (0.6, 11.5), 64
@@ -179,18 +180,18 @@ class Planner:
 
     def use_jacobi(self, d, M, few, given=False):
         """Whether the next world step at depth d with M candidate rows runs Jacobi decoding (given: the caller gave
-        the guess of the first imagined frame, see first_guess). With few rows a pass is
-        bound by reading the weights, so Jacobi always pays. With many, passes are compute-bound: a Jacobi pass of
-        37*M rows (in chunks, see decode_chunks) costs 0.18-0.20 ms per row in fp32 and 0.10-0.11 in bf16, against 9.6
-        / 21 / 58 ms (fp32) and 6.7 / 15 / 36 ms (bf16) for a token pass of M = 16 / 64 / 256 rows (2-core CPU, 40M),
-        so Jacobi pays while a block costs less than 3.0-4.0, 1.9-2.3 and 1.3-1.4 full passes (passes after the first
-        restart at the first changed input cost less): jacobi_work (a, b) puts the limit at a + b / sqrt(M). The guess
-        quality is a property of the model, the game, the depth (the real frame or an imagined one) and whether the
-        caller gave a guess, so the planner measures it per (depth, M, given): Jacobi on the first such world step
-        and every probe_every-th after, kept while the recent cost (a mean over consecutive Jacobi steps, a fallback
-        counting 37) stays within the limit. 16 environments, bf16, H=2 K=2: a trained model whose blocks agree in
-        1.5 passes plans in 840 ms with Jacobi against 1,303 ms token by token; one at 6.7 passes (the slowest of
-        32-64 rows decides) would take 2,291 ms against 1,167. Deterministic: the choice depends on the sequence of
+        the guess of the first imagined frame, see first_guess). With few rows a pass is bound by reading the weights,
+        so Jacobi always pays. With many, passes are compute-bound: a Jacobi pass of 37*M rows (in chunks, see
+        decode_chunks) costs 0.18-0.20 ms per row in fp32 and 0.10-0.11 in bf16, against 9.6 / 21 / 58 ms (fp32) and
+        6.7 / 15 / 36 ms (bf16) for a token pass of M = 16 / 64 / 256 rows (2-core CPU, 40M), so Jacobi pays while a
+        block costs less than 3.0-4.0, 1.9-2.3 and 1.3-1.4 full passes (a pass after the first runs from the first
+        changed input and only the environments still decoding: it counts the rows and inputs it ran): jacobi_work (a,
+        b) puts the limit at a + b / sqrt(M). The guess quality is a property of the model, the game, the depth (the
+        real frame or an imagined one) and whether the caller gave a guess, so the planner measures it per (depth, M,
+        given): Jacobi on the first such world step and every probe_every-th after, kept while the recent cost (a
+        mean over consecutive Jacobi steps, see note_guess) stays within the limit. 16 environments, bf16, H=2 K=2:
+        a trained model whose blocks agree in 1.5 passes plans in 840 ms with Jacobi against 1,303 ms token by token;
+        one at 6.7 passes would take 2,291 ms against 1,167. Deterministic: the choice depends on the sequence of
         world steps, not on timings."""
         if self.jacobi is not None or few:
             return few if self.jacobi is None else self.jacobi
@@ -204,9 +205,11 @@ class Planner:
 
     def note_guess(self, d, M, before, given=False):
         """Record the cost in full passes of the Jacobi world step (depth d, M rows, given) that ended with
-        self.stats (before: the stats before it): the recent mean while Jacobi was kept, a fresh start after a probe."""
+        self.stats (before: the stats before it): the recent mean while Jacobi was kept, a fresh start after a probe.
+        A token pass after a fallback counts 1/37 of a token-by-token block, which costs jacobi_limit(M) full passes
+        (the break-even), however few rows it ran."""
         g, st = self.guess[d, M, given], self.stats
-        work = 37 if st['fallbacks'] > before['fallbacks'] else (st['inputs'] - before['inputs']) / 37
+        work = (st['inputs'] - before['inputs'] + (st['rest'] - before['rest']) * self.jacobi_limit(M)) / 37
         kept = g[1] is not None and g[1] <= self.jacobi_limit(M)
         g[1] = (g[1] + work) / 2 if kept else work
 
@@ -255,36 +258,64 @@ class Planner:
         then exactly the greedy ones (obs j is the argmax given the action and obs < j), and the first wrong guess is
         right after the next pass, so it ends within 37 passes. Consecutive Atari frames share most tokens, so the
         parent's obs is a good guess: trained 40M models agreed after 1-2.6 passes. Inputs before the first change keep
-        their cached keys/values, so a pass starts there (eager; compiled passes run the whole block: one shape). After
+        their cached keys/values, so a pass starts there, and with grouped keys (many candidates) a pass runs only the
+        environments with a row that changed in the last one: a row whose predictions equal its inputs is final
+        (eager; compiled passes run the whole block of every row: one shape). Why: the slowest of 32-64 candidates
+        decides the passes; 16 environments, a trained model, H=2 K=2: depth-1 blocks took 3.2 full passes of every
+        row, 1.5 counting only the environments still decoding, and its plans took 6-12% less time (2-core CPU). After
         max_passes the rest is decoded token by token."""
-        M = act.shape[0]
+        M, dev = act.shape[0], act.device
         # block indices: compiled, as tensors (no recompiles)
-        g = [torch.tensor(j, device=act.device) for j in range(37)] if self.compiled else list(range(37))
-        run = lambda s, e: self.decode_chunks(x[:, s:e], g[s], pos0 + s, tasks, groups, s == 0, e == 37)
+        g = [torch.tensor(j, device=dev) for j in range(37)] if self.compiled else list(range(37))
         x = torch.cat([act[:, None], draft], 1)  # (M, 37) the block's inputs; x[:, j + 1] is obs token j
+        U = groups[0][0].shape[1]  # environments (units of the first key group)
+        drop = not self.compiled and len(groups) > 1  # passes may drop the environments whose rows agreed
+        units, rows, part = torch.arange(U, device=dev), slice(None), groups  # those still decoding: environments,
+        hq = None  # rows (all, or an index (n,)), their key groups; the hidden states after obs token 35 (M, E)
+
+        def run(s, e):  # a pass over inputs s..e-1 of the rows still decoding -> obs (n, ...), reward, end
+            nonlocal hq
+            obs, r, end, h = self.decode_chunks(x[rows, s:e], g[s], pos0[rows] + s, tasks[rows], part, s == 0, e == 37)
+            if part is not groups:  # the pass wrote this block's keys/values into part's copies
+                for buf, sub in zip(groups[-1][:2], part[-1][:2]):
+                    buf.index_copy_(1, rows, sub)
+            if h is not None:
+                hq = h.new_empty(M, h.shape[-1]) if hq is None else hq
+                hq[rows] = h
+            return obs, r, end
+
         s = 0  # inputs before s are settled (greedy) and their keys/values cached
         for p in range(self.max_passes if jacobi else 0):
             w = 0 if self.compiled else s
-            obs, r, e, hq = run(w, 37)  # obs (M, 36 - w): predictions for x[:, w + 1:]
-            if w == 0:
+            obs, r, e = run(w, 37)  # obs (n, 36 - w): predictions for x[rows, w + 1:]
+            if w == 0:  # the first pass, of every row
                 rew, end = r, e
-            changed = (obs != x[:, w + 1:]).any(0)  # (36 - w,); a host sync per pass
+            diff = obs != x[rows, w + 1:]
+            changed = diff.any(0)  # (36 - w,)
             self.stats['passes'] += 1
-            self.stats['inputs'] += 37 - w
-            if not changed.any():
+            self.stats['inputs'] += (37 - w) * len(obs) / M  # in full rows
+            if not changed.any():  # a host sync per pass
                 self.stats['blocks'] += 1
                 return x[:, 1:], rew, end, self.model.q_values(hq, tasks)
-            x[:, w + 1:] = obs
+            x[rows, w + 1:] = obs
             s = w + 1 + int(changed.int().argmax())  # the first changed input is now right; recompute from there
+            keep = diff.view(len(units), -1).any(1) if drop else None  # environments with a changed row
+            if drop and not keep.all():  # copy their key groups (G/U units per environment in a group of G)
+                units = units[keep]
+                pick = lambda G: (units[:, None] * (G // U) + torch.arange(G // U, device=dev)).view(-1)
+                rows, part = pick(M), [(k.index_select(1, pick(k.shape[1])), v.index_select(1, pick(k.shape[1])),
+                                        None if b is None else b.index_select(0, pick(k.shape[1])))
+                                       for k, v, b in groups]
         if jacobi:
             self.stats['blocks'] += 1
             self.stats['fallbacks'] += 1
+            self.stats['rest'] += 37 - s
         for j in range(s, 37):  # token by token: input j -> obs token j (or Q after the last)
-            obs, r, e, hq = run(j, j + 1)
+            obs, r, e = run(j, j + 1)
             if j == 0:
                 rew, end = r, e
             if j < 36:
-                x[:, j + 1] = obs[:, 0]
+                x[rows, j + 1] = obs[:, 0]
         return x[:, 1:], rew, end, self.model.q_values(hq, tasks)
 
     @torch.no_grad()

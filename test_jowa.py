@@ -1057,12 +1057,40 @@ def test_jacobi_decoding_equals_token_by_token(fx, official, max_passes, all_key
     within max_passes or finishes a block token by token (this random tiny model is a poor guesser: both happen),
     with keys shared by groups of rows or all keys per row."""
     ctx, lens, tasks, K = mixed_batch(fx)
-    jacobi = Planner(official, jacobi=True)
+    jacobi, rows = Planner(official, jacobi=True), []
     jacobi.max_passes, jacobi.jacobi_rows = max_passes, 10 ** 9 if all_keys else 0
+    dec = jacobi.decode
+    jacobi.decode = lambda model, lin, tok, *a: rows.append(tok.shape[0]) or dec(model, lin, tok, *a)
     a = jacobi(ctx, lens, tasks, beam=K, horizon=2, trace=True)
     assert_same_plans(a, Planner(official, jacobi=False)(ctx, lens, tasks, beam=K, horizon=2, trace=True))
     st = jacobi.stats
     assert st['blocks'] == 2 and st['passes'] >= st['blocks'] and (st['fallbacks'] > 0) == (max_passes < 37)
+    if not all_keys and max_passes == 37:  # depth 1 (4 x 5 rows): passes ran only the environments still decoding
+        assert {5, 10, 15} & set(rows), rows
+
+
+def test_jacobi_passes_drop_the_environments_whose_rows_agreed(fx, official):
+    """With grouped keys, Jacobi passes after the first run only the environments with a row that changed in the
+    last pass (a row whose predictions equal its inputs is final): a world step whose guess is the greedy frame but
+    for one token of one environment reruns only that environment's rows, from that token, and gives the same
+    frames, rewards, ends and Q. The copied keys are written back: the next depth plans as token by token."""
+    ctx, lens, tasks, K = mixed_batch(fx)
+    planner, calls, shapes = Planner(official, jacobi=True), [], []
+    planner.jacobi_rows, planner.max_passes = 0, 37
+    step, dec = planner.world_step, planner.decode
+    planner.world_step = lambda *a: calls.append((a, step(*a))) or calls[-1][1]
+    out = planner(ctx, lens, tasks, beam=K, horizon=2, trace=True)
+    assert_same_plans(out, Planner(official, jacobi=False)(ctx, lens, tasks, beam=K, horizon=2, trace=True))
+    (act, _, *rest), (obs, rew, end, q) = calls[0]  # depth 1: 4 environments x 5 candidates
+    draft = obs.clone()
+    draft[2 * 5 + 1, 20] = (draft[2 * 5 + 1, 20] + 1) % official.cfg.obs_vocab  # environment 2, candidate 1
+    planner.decode = lambda model, lin, tok, *a: shapes.append(tuple(tok.shape)) or dec(model, lin, tok, *a)
+    before = dict(planner.stats)
+    again = step(act, draft, *rest)
+    assert shapes[:2] == [(20, 37), (5, 16)] and all(s[0] == 5 for s in shapes[1:]), shapes  # from input 21
+    assert torch.equal(again[0], obs) and torch.equal(again[1], rew) and torch.equal(again[2], end)
+    assert torch.allclose(again[3], q, atol=1e-5, equal_nan=True)
+    assert planner.stats['inputs'] - before['inputs'] == 37 + sum(5 * s[1] / 20 for s in shapes[1:])
 
 
 @pytest.mark.parametrize('all_keys', [False, True])
@@ -1078,7 +1106,8 @@ def test_passes_in_chunks_of_environments_equal_whole_passes(fx, official, all_k
         parts.decode = lambda model, lin, tok, *a: rows.append(tok.shape[0]) or step(model, lin, tok, *a)
         assert_same_plans(parts(ctx, lens, tasks, beam=K, horizon=2, trace=True),
                           whole(ctx, lens, tasks, beam=K, horizon=2, trace=True))
-        assert max(rows) == (1 if all_keys else 25) and rows.count(max(rows)) >= 4 * 37  # 4 chunks a pass
+        # 4 chunks a pass (Jacobi: at least its first pass of each depth-2 block; later passes may drop environments)
+        assert max(rows) == (1 if all_keys else 25) and rows.count(max(rows)) >= 4 * (1 if jacobi else 37)
 
 
 def test_large_batches_keep_jacobi_only_while_the_guesses_are_good(fx, official):
