@@ -303,9 +303,9 @@ class Planner:
             if drop and not keep.all():  # copy their key groups (G/U units per environment in a group of G)
                 units = units[keep]
                 pick = lambda G: (units[:, None] * (G // U) + torch.arange(G // U, device=dev)).view(-1)
-                rows, part = pick(M), [(k.index_select(1, pick(k.shape[1])), v.index_select(1, pick(k.shape[1])),
-                                        None if b is None else b.index_select(0, pick(k.shape[1])))
-                                       for k, v, b in groups]
+                rows, idx = pick(M), [pick(k.shape[1]) for k, _, _ in groups]
+                part = [(k.index_select(1, i), v.index_select(1, i), None if b is None else b.index_select(0, i))
+                        for (k, v, b), i in zip(groups, idx)]
         if jacobi:
             self.stats['blocks'] += 1
             self.stats['fallbacks'] += 1
