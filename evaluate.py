@@ -7,12 +7,14 @@ lengths default to the official tables; rollout i of a game is seeded with i.
     python evaluate.py --ckpt=checkpoints/tokenizer.pt,checkpoints/JOWA_150M.pt --games=pretrain --out=scores.json
     python evaluate.py --ckpt=out/ckpt.pt --games=Pong --no-plan --context=8   # greedy Q policy (H = 0)
     python evaluate.py --ckpt=out/ckpt.pt --games=Pong --episodes=1 --video=pong.mp4
+    python evaluate.py --ckpt=out/ckpt.pt --games=Pong --report=out/report --heldout=heldout  # evidence per stage
 
 Options: --horizon/--beam/--context override the tables, --max_steps caps an episode (agent steps, default 108k),
 --max_seconds caps the whole run, --batch bounds the environments per planner call, --vector=False steps a list of
 gymnasium environments (data.make_env) instead of ale_py's C++ vector environment.
 """
 import json
+import os
 import re
 import sys
 import time
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import (HELDOUT_GAMES, PRETRAIN_GAMES, REF_SCORES, VALID_ACTIONS, action_mask, load_checkpoint,
+from model import (HELDOUT_GAMES, KVCache, PRETRAIN_GAMES, REF_SCORES, VALID_ACTIONS, action_mask, load_checkpoint,
                    normalized_score, parse_args, task_id)
 from plan import Planner
 
@@ -116,14 +118,18 @@ class Envs:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None, max_seconds=None, horizon=None,
-             beam=None, context=None, batch=None, vector=True, video=None, verbose=False, freeze=False):
+             beam=None, context=None, batch=None, vector=True, video=None, verbose=False, freeze=False, policy='model'):
     """Play `episodes` rollouts (seeded 0..episodes-1) of every game, all environments in lockstep, decisions
     batched over environments (at most `batch` per planner call; default 16 on CPU, 64 on GPU). plan=False is the
-    greedy Q policy (H = 0); horizon/beam/context override cfg and the tables. Model and tokenizer in eval mode;
-    cfg.dtype picks autocast, cfg.compile a compiled planner (freeze=True: with frozen weights, only for a model
-    that will not change in this process). Returns {game: [raw return of each episode]}; episodes cut by max_steps
-    (agent steps, default cfg.max_steps) or max_seconds (wall clock of the whole call) count their return so far."""
+    greedy Q policy (H = 0); horizon/beam/context override cfg and the tables. policy='random' plays uniformly
+    random valid actions instead, drawn from the same per-rollout RNGs (the model is not run). Model and tokenizer
+    in eval mode; cfg.dtype picks autocast, cfg.compile a compiled planner (freeze=True: with frozen weights, only
+    for a model that will not change in this process). Returns ({game: [raw return of each episode]}, {game: [cut
+    of each episode]}): an episode cut by max_steps (agent steps, default cfg.max_steps) or max_seconds (wall clock
+    of the whole call) counts its return so far and has cut True."""
     check_games(games)
+    if policy not in ('model', 'random'):
+        raise ValueError(f"policy={policy!r}: choose 'model' or 'random'")
     dev = next(model.parameters()).device
     dtype = ('bfloat16' if dev.type == 'cuda' else 'float32') if cfg.dtype == 'auto' else cfg.dtype
     amp = nullcontext() if dtype == 'float32' else torch.autocast(dev.type, dtype=getattr(torch, dtype))
@@ -146,36 +152,40 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
     nblk = torch.zeros(N, dtype=torch.long, device=dev)
     # the frame the last plan imagined after its action: the planner's first guess for the next plan (-1: none)
     guess = torch.full((N, cfg.obs_tokens), -1, dtype=torch.long, device=dev)
-    ret, steps, done = np.zeros(N), np.zeros(N, dtype=np.int64), np.zeros(N, dtype=bool)
+    ret, steps, done, cut = np.zeros(N), np.zeros(N, dtype=np.int64), np.zeros(N, dtype=bool), np.zeros(N, dtype=bool)
     video_frames, t0 = [], time.time()
     bar = tqdm(total=N, unit='episode', disable=not verbose, dynamic_ncols=True)
     while not done.all():
         act = np.flatnonzero(~done)  # active slots
         rows = torch.as_tensor(act, device=dev)
-        with amp:
-            # B§7.1: encode the new frame, append its tokens (sliding window of whole blocks)
-            x = torch.as_tensor(frames[act], device=dev).float().div(255)[:, None]  # (n, 1, 84, 84)
-            tok = torch.cat([tokenizer.encode(c) for c in x.split(256)])  # (n, 36)
-            full = (nblk[rows] == cap[rows])[:, None, None]
-            mem[rows] = torch.where(full, mem[rows].roll(-1, 1), mem[rows])
-            nblk[rows] = torch.minimum(nblk[rows] + 1, cap[rows])
-            mem[rows, nblk[rows] - 1, :cfg.obs_tokens] = tok
-            # epsilon-greedy over valid actions (one draw per decision), else the planner, by chunks of similar K
+        if policy == 'random':
             actions = np.zeros(N, dtype=np.int64)
-            eps = np.array([rngs[i].random() < cfg.epsilon for i in act])
-            for i in act[eps]:
-                actions[i] = rngs[i].choice(valid[i])
-            guess[torch.as_tensor(act[eps], dtype=torch.long, device=dev)] = -1  # no plan this step
-            need = act[~eps][np.argsort(K[act[~eps]].cpu().numpy(), kind='stable')]
-            for chunk in np.array_split(need, max(1, -(-len(need) // batch))) if len(need) else []:
-                r = torch.as_tensor(chunk, device=dev)
-                nb = int(nblk[r].max())
-                ctx = mem[r, :nb].flatten(1)[:, :-1]  # (n, nb*37 - 1), right-padded
-                out = planner(ctx, nblk[r] * T - 1, tasks[r], beam=K[r], horizon=H, guess=guess[r])
-                actions[chunk] = out['action'].cpu().numpy()
-                if H:
-                    guess[r] = out['obs'][:, 0]
-            mem[rows, nblk[rows] - 1, cfg.obs_tokens] = torch.as_tensor(actions[act], device=dev)
+            actions[act] = [rngs[i].choice(valid[i]) for i in act]
+        else:
+            with amp:
+                # B§7.1: encode the new frame, append its tokens (sliding window of whole blocks)
+                x = torch.as_tensor(frames[act], device=dev).float().div(255)[:, None]  # (n, 1, 84, 84)
+                tok = torch.cat([tokenizer.encode(c) for c in x.split(256)])  # (n, 36)
+                full = (nblk[rows] == cap[rows])[:, None, None]
+                mem[rows] = torch.where(full, mem[rows].roll(-1, 1), mem[rows])
+                nblk[rows] = torch.minimum(nblk[rows] + 1, cap[rows])
+                mem[rows, nblk[rows] - 1, :cfg.obs_tokens] = tok
+                # epsilon-greedy over valid actions (one draw per decision), else the planner, by chunks of similar K
+                actions = np.zeros(N, dtype=np.int64)
+                eps = np.array([rngs[i].random() < cfg.epsilon for i in act])
+                for i in act[eps]:
+                    actions[i] = rngs[i].choice(valid[i])
+                guess[torch.as_tensor(act[eps], dtype=torch.long, device=dev)] = -1  # no plan this step
+                need = act[~eps][np.argsort(K[act[~eps]].cpu().numpy(), kind='stable')]
+                for chunk in np.array_split(need, max(1, -(-len(need) // batch))) if len(need) else []:
+                    r = torch.as_tensor(chunk, device=dev)
+                    nb = int(nblk[r].max())
+                    ctx = mem[r, :nb].flatten(1)[:, :-1]  # (n, nb*37 - 1), right-padded
+                    out = planner(ctx, nblk[r] * T - 1, tasks[r], beam=K[r], horizon=H, guess=guess[r])
+                    actions[chunk] = out['action'].cpu().numpy()
+                    if H:
+                        guess[r] = out['obs'][:, 0]
+                mem[rows, nblk[rows] - 1, cfg.obs_tokens] = torch.as_tensor(actions[act], device=dev)
         if video and not done[0]:
             video_frames.append(frames[0].copy())
         # step every game's environments
@@ -187,7 +197,7 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
             frames[s], ret[s], steps[s] = e.frames, ret[s] + rew * ~done[s], steps[s] + ~done[s]
             out_of_time = max_seconds is not None and time.time() - t0 > max_seconds
             for i in s[~done[s] & (term | (steps[s] >= max_steps) | out_of_time)]:
-                done[i] = True
+                done[i], cut[i] = True, not term[i - s[0]]
                 why = 'game over' if term[i - s[0]] else ('step cap' if steps[i] >= max_steps else 'time cap')
                 if verbose:
                     tqdm.write(f"{games[gi]} episode {i % episodes}: return {ret[i]:.0f} in {steps[i]} steps ({why})")
@@ -198,7 +208,8 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
     bar.close()
     if video:
         save_video(video, video_frames)
-    return {g: [float(ret[i]) for i in np.flatnonzero(slot_game == gi)] for gi, g in enumerate(games)}
+    slots = {g: np.flatnonzero(slot_game == gi) for gi, g in enumerate(games)}
+    return {g: [float(ret[i]) for i in s] for g, s in slots.items()}, {g: [bool(cut[i]) for i in s] for g, s in slots.items()}
 
 
 def save_video(path, frames):
@@ -224,16 +235,20 @@ def iqm(x):
     return float(x[cut:len(x) - cut].mean())
 
 
-def summarize(returns, preset='', plan=True, n_boot=2000, seed=0):
-    """(printable table, summary dict) of {game: returns}. The IQM's 95% CI bootstraps episodes within each game."""
+def summarize(returns, preset='', plan=True, n_boot=2000, seed=0, cut=None):
+    """(printable table, summary dict) of {game: returns}. The IQM's 95% CI bootstraps episodes within each game.
+    cut {game: [bool]} marks episodes stopped by a step or time cap: such a game's mean is not a whole-episode
+    score, so it gets no HNS / DNS and stays out of the aggregates."""
+    cut = {g: sum(cut[g]) for g in cut} if cut else {}
     games = [g for g in returns if returns[g]]
     mean = {g: float(np.mean(returns[g])) for g in games}
     official = dict(zip(TABLE, OFFICIAL_MEAN.get(preset, ()))) if plan else {}
-    norm = lambda g, kind='human': f'{normalized_score(g, mean[g], kind):7.3f}' if g in REF_SCORES else ' ' * 7
+    scored = [g for g in games if g in REF_SCORES and not cut.get(g)]
+    norm = lambda g, kind='human': f'{normalized_score(g, mean[g], kind):7.3f}' if g in scored else ' ' * 7
     lines = [f"{'game':>16} {'episodes':>8} {'mean':>10} {'HNS':>7} {'DNS':>7} {'official':>10}"]
     lines += [f"{g:>16} {len(returns[g]):>8} {mean[g]:>10.1f} {norm(g)} {norm(g, 'dqn')} "
-              f"{official[g] if g in official else '':>10}" for g in games]
-    scored = [g for g in games if g in REF_SCORES]
+              f"{official[g] if g in official else '':>10}" + (f"  ({cut[g]} cut by a cap)" if cut.get(g) else '')
+              for g in games]
     summary = dict(mean=mean)
     if scored:
         hns = np.array([normalized_score(g, mean[g]) for g in scored])
@@ -251,10 +266,243 @@ def summarize(returns, preset='', plan=True, n_boot=2000, seed=0):
     return '\n'.join(lines), summary
 
 
+# -----------------------------------------------------------------------------
+# evidence per stage, at the end of a run: numbers with their baselines, and pictures (PNG, through matplotlib when
+# it is installed) in the run's folder, so a collapsed codebook, a world model that only copies the last frame or an
+# agent no better than random shows at a glance
+
+
+def bootstrap_ci(x, n_boot=2000, seed=0):
+    """95% percentile-bootstrap interval of the mean of x (resampling episodes)."""
+    x = np.asarray(x, dtype=np.float64)
+    means = np.random.default_rng(seed).choice(x, (n_boot, len(x))).mean(1)
+    return tuple(np.percentile(means, [2.5, 97.5]).tolist())
+
+
+def score_table(rows):
+    """rows {policy: (returns, cut)} as evaluate() gives them, every policy on the same games and seeds ->
+    (printable table, {policy: {game: stats}}, verdict lines). A policy beats random on a game when its 95% CI lies
+    wholly above the random row's; a mean over capped episodes is not a game score, so HNS is only printed for
+    games whose episodes all ended at game over."""
+    lines = [f"{'game':>14} {'policy':>8} {'episodes':>8} {'mean':>9} {'95% CI':>19} {'std':>8} {'HNS':>7}  note"]
+    stats = {}
+    for policy, (returns, cut) in rows.items():
+        for g, r in returns.items():
+            lo, hi = bootstrap_ci(r)
+            n_cut = sum(cut[g])
+            hns = normalized_score(g, np.mean(r)) if g in REF_SCORES and not n_cut else None
+            stats.setdefault(policy, {})[g] = dict(mean=float(np.mean(r)), ci95=[lo, hi], std=float(np.std(r)),
+                                                   episodes=len(r), cut=n_cut, hns=hns, returns=r)
+    for g in next(iter(rows.values()))[0]:
+        for policy in rows:
+            st = stats[policy][g]
+            hns = f"{st['hns']:7.3f}" if st['hns'] is not None else ' ' * 7
+            note = f"{st['cut']} of {st['episodes']} cut by a step/time cap" if st['cut'] else ''
+            lines.append(f"{g:>14} {policy:>8} {st['episodes']:>8} {st['mean']:>9.1f} "
+                         f"{'(%.1f, %.1f)' % tuple(st['ci95']):>19} {st['std']:>8.1f} {hns}  {note}")
+    verdicts = []
+    if 'random' in rows:
+        for policy in [p for p in rows if p != 'random']:
+            for g, st in stats[policy].items():
+                rnd = stats['random'][g]
+                if st['ci95'][0] > rnd['ci95'][1]:
+                    verdicts.append(f"{policy} beats random on {g}: CI {st['ci95'][0]:.1f}..{st['ci95'][1]:.1f} "
+                                    f"above {rnd['ci95'][0]:.1f}..{rnd['ci95'][1]:.1f}")
+    return '\n'.join(lines), stats, verdicts
+
+
+def codebook_use(tokens, vocab):
+    """tokens (any shape) -> (distinct codes used, perplexity = exp(entropy of the code frequencies)): all codes
+    used equally give vocab, one code gives 1."""
+    counts = torch.bincount(tokens.flatten().long(), minlength=vocab).double()
+    p = counts[counts > 0] / counts.sum()
+    return int((counts > 0).sum()), float(torch.exp(-(p * p.log()).sum()))
+
+
+def next_frame_predictions(model, batch):
+    """Teacher-forced predictions (B, T-1, 36) of the tokens of frames 1..T-1 of token segments (B§4.1 batch): each
+    token from the real past, as the world-model loss scores them; also returns the logits (obs, reward, end)."""
+    obs, act = batch['observations'], batch['actions']
+    B, T, K = obs.shape
+    h = model(torch.cat([obs, act[..., None]], -1).flatten(1), batch['envs']).view(B, T, K + 1, -1)
+    logits = model.world_logits(h)
+    return logits[0].argmax(-1)[:, K - 1:].view(B, T - 1, K), logits
+
+
+def frame_accuracy(pred, obs, mask):
+    """pred (B, T-1, K) tokens of frames 1..T-1, obs (B, T, K), mask (B, T) real steps -> (accuracy of pred, accuracy
+    of copying the previous frame), over the frames with a real predecessor."""
+    nxt = mask[:, 1:]
+    return float((pred == obs[:, 1:])[nxt].float().mean()), float((obs[:, :-1] == obs[:, 1:])[nxt].float().mean())
+
+
+def world_metrics(model, batch):
+    """World-model accuracy on token segments, real steps only: next-frame tokens against copying the last frame,
+    the reward sign against always predicting 0 (and on the non-zero rewards alone), termination."""
+    pred, (_, rew_logits, end_logits) = next_frame_predictions(model, batch)
+    rew, ends, mask = batch['rewards'], batch['ends'], batch['mask_padding']
+    acc, copy = frame_accuracy(pred, batch['observations'], mask)
+    rew_cls = torch.sign(rew).long() + 1
+    hit = rew_logits.argmax(-1) == rew_cls
+    return dict(next_frame_token_acc=acc, copy_last_frame_acc=copy, reward_sign_acc=float(hit[mask].float().mean()),
+                reward_always_zero_acc=float((rew_cls == 1)[mask].float().mean()),
+                reward_sign_acc_nonzero=float(hit[mask & (rew_cls != 1)].float().mean()),
+                end_acc=float((end_logits.argmax(-1) == ends)[mask].float().mean()))
+
+
+@torch.no_grad()
+def imagine_frames(model, tokens, actions, tasks, context):
+    """Open-loop imagination with the real actions: tokens (B, T, 36) and actions (B, T) of whole segments; the first
+    `context` blocks are given, frames context..T-1 are decoded greedily token by token (KV cache), each followed by
+    its real action. Returns (B, T - context, 36) imagined tokens."""
+    B, T, K = tokens.shape
+    ctx = torch.cat([tokens[:, :context], actions[:, :context, None]], -1).flatten(1)  # (B, context*37)
+    cache = KVCache(model.cfg, B, tokens.device)
+    last, pos, frames = model(ctx, tasks, cache=cache)[:, -1], ctx.shape[1], []
+    for t in range(context, T):
+        frame = []
+        for j in range(K + 1):  # 36 obs tokens, then the real action
+            tok = model.head_obs(last).argmax(-1) if j < K else actions[:, t]
+            frame.append(tok)
+            if t < T - 1 or j < K - 1:
+                last = model(tok[:, None], tasks, cache=cache, pos=torch.full((B,), pos, device=tokens.device))[:, -1]
+                pos += 1
+        frames.append(torch.stack(frame[:K], 1))
+    return torch.stack(frames, 1)
+
+
+def save_grid(path, rows, title):
+    """rows [(label, (n, 84, 84) frames in [0, 1])] -> one PNG, a row of frames per label. Returns the path, or
+    None without matplotlib (the numbers are printed anyway)."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    n = max(len(f) for _, f in rows)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.45 * len(rows) + 0.4), squeeze=False)
+    for r, (label, frames) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.set_xticks([]), ax.set_yticks([])
+            if c < len(frames):
+                ax.imshow(np.asarray(frames[c]), cmap='gray', vmin=0, vmax=1)
+            else:
+                ax.axis('off')
+        axes[r, 0].set_ylabel(label, fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_curves(path, log):
+    """log [{'step': s, term: value, ...}] (train.py's log.jsonl) -> one PNG with a panel per loss term."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = list(dict.fromkeys(k for row in log for k in row if k not in ('step', 'stage', 'ms')))
+    if not keys:
+        return None
+    cols = min(4, len(keys))
+    fig, axes = plt.subplots(-(-len(keys) // cols), cols, figsize=(3.2 * cols, 2.2 * -(-len(keys) // cols)),
+                             squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        pts = [(row['step'], row[k]) for row in log if k in row]
+        ax.plot(*zip(*pts), lw=1)
+        ax.set_title(k, fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis('off')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def report(model, tokenizer, cfg, games, out_dir, heldout, log=None, episodes=16, max_steps=None, max_seconds=None,
+           policies=('random', 'greedy', 'plan'), segments=64, context=4, say=print):
+    """Evidence per stage for a trained model, printed and written into out_dir (report.json and PNGs):
+    tokenizer (held-out frames beside their reconstructions, L1 error, codebook use), world model (real next frames
+    beside the frames it imagines from a held-out context with the real actions; token accuracies against copying
+    the last frame; reward-sign accuracy), training curves (log), and the agent: a score table of `policies`
+    ('random', 'greedy', 'plan') played on the same seeds in this call. heldout: a processed data folder of those
+    games (data.py) whose episodes were not trained on; say what it is when it is the training data."""
+    import data
+    os.makedirs(out_dir, exist_ok=True)
+    dev = next(model.parameters()).device
+    model.eval(), tokenizer.eval()
+    out, tok_rows, wm_rows = dict(tokenizer={}, world_model={}), [], []
+    ds = data.load_dataset(heldout, games)
+    for i, d in enumerate(ds):
+        g = d['game']
+        batch = data.Sampler([d], cfg.max_blocks, seed=cfg.seed).sample(segments)  # frames, padded past episode ends
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        x, mask = batch['observations'], batch['mask_padding']
+        tok = torch.cat([tokenizer.encode(c) for c in x.flatten(0, 1).split(256)]).view(*mask.shape, -1)
+        rec = torch.cat([tokenizer.decode(c) for c in tok.flatten(0, 1).split(256)]).view_as(x)
+        used, ppl = codebook_use(tok[mask], cfg.obs_vocab)
+        changed = (tok[:, 1:] != tok[:, :-1]).sum(-1)[mask[:, 1:]].float().mean()
+        out['tokenizer'][g] = dict(l1=float((rec - x).abs()[mask].mean()), codes_used=used, perplexity=ppl,
+                                   l1_mean_frame=float((x[mask] - x[mask].mean(0)).abs().mean()),
+                                   tokens_changed_per_step=float(changed), frames=int(mask.sum()))
+        batch['observations'] = tok
+        out['world_model'][g] = wm = world_metrics(model, batch)
+        full = mask.all(1).nonzero().flatten()[:1]  # one whole segment for the strip
+        if len(full):
+            t = full[0]
+            imag = imagine_frames(model, tok[full], batch['actions'][full], batch['envs'][full], context)[0]
+            real_next = tok[t, context:]
+            wm['imagined_token_acc'] = float((imag == real_next).float().mean())
+            wm['imagined_copy_context_acc'] = float((tok[t, context - 1:context] == real_next).float().mean())
+            wm_rows += [(f'{g} real', x[t, context - 1:, 0].cpu()),
+                        (f'{g} imagined', torch.cat([rec[t, context - 1:context], tokenizer.decode(imag)])[:, 0].cpu())]
+        tok_rows += [(f'{g} real', x[mask][::max(1, int(mask.sum()) // 8)][:8, 0].cpu()),
+                     (f'{g} reconstructed', rec[mask][::max(1, int(mask.sum()) // 8)][:8, 0].cpu())]
+        tk = out['tokenizer'][g]
+        say(f"tokenizer   {g}: L1 {tk['l1']:.4f} (the mean frame: {tk['l1_mean_frame']:.4f}) on {tk['frames']} "
+            f"held-out frames, {used} of {cfg.obs_vocab} codes "
+            f"used, perplexity {ppl:.1f}, {tk['tokens_changed_per_step']:.1f} of 36 tokens change per step")
+        say(f"world model {g}: next-frame tokens {wm['next_frame_token_acc']:.3f} (copying the last frame "
+            f"{wm['copy_last_frame_acc']:.3f}), reward sign {wm['reward_sign_acc']:.3f} (always 0: "
+            f"{wm['reward_always_zero_acc']:.3f}; on non-zero rewards {wm['reward_sign_acc_nonzero']:.3f})" +
+            (f", imagined {cfg.max_blocks - context} steps {wm['imagined_token_acc']:.3f} (copying the context's "
+             f"last frame {wm['imagined_copy_context_acc']:.3f})" if 'imagined_token_acc' in wm else ''))
+    pics = [save_grid(os.path.join(out_dir, 'tokenizer.png'), tok_rows,
+                      'held-out frames and their reconstructions: ' + ', '.join(
+                          f"{g} L1 {v['l1']:.3f}, perplexity {v['perplexity']:.0f}" for g, v in out['tokenizer'].items())),
+            save_grid(os.path.join(out_dir, 'world_model.png'), wm_rows,
+                      f'last context frame, then the real next frames and the imagined ones (real actions, '
+                      f'{context}-block context)')]
+    if log:
+        pics.append(save_curves(os.path.join(out_dir, 'curves.png'), log))
+    rows = {}
+    for policy in policies if episodes else ():
+        t0 = time.time()
+        rows[policy] = evaluate(model, tokenizer, cfg, games, episodes, plan=policy == 'plan', max_steps=max_steps,
+                                max_seconds=max_seconds, policy='random' if policy == 'random' else 'model')
+        say(f"played {policy}: {episodes} episodes per game in {time.time() - t0:.0f}s")
+    if rows:
+        table, out['agent'], out['verdicts'] = score_table(rows)
+        say(table + ''.join(f'\n{v}' for v in out['verdicts'] or ['no policy beats random (95% CIs overlap)']))
+    with open(os.path.join(out_dir, 'report.json'), 'w') as f:
+        json.dump(out, f, indent=1)
+    pics = [p for p in pics if p]
+    say(f"wrote {os.path.join(out_dir, 'report.json')}" + (f" and {', '.join(pics)}" if pics else
+                                                           " (pictures need matplotlib: pip install matplotlib)"))
+    return out
+
+
 def main(argv):
     """The command line (module docstring); bad input exits with one 'error: ...' line before any environment starts."""
     extra = dict(ckpt='', games='Assault,Pong', episodes=16, no_plan=False, batch=0, vector=True, max_seconds=0.0,
-                 out='', video='')
+                 out='', video='', report='', heldout='')
     cli, args = parse_args(argv, extra)
     given = {a[2:].partition('=')[0].replace('-', '_') for a in argv}
     overrides = {k: getattr(cli, k) for k in ('horizon', 'beam', 'context', 'epsilon', 'max_steps', 'dtype', 'device',
@@ -270,18 +518,24 @@ def main(argv):
         raise SystemExit(f"error: {e}")
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device
     model, tokenizer = model.to(device), tokenizer.to(device)
+    if args['report']:  # evidence per stage instead of one score table (module docstring)
+        if not args['heldout']:
+            raise SystemExit("error: --report needs --heldout=<processed data folder> of the games (data.py process)")
+        report(model.eval(), tokenizer.eval(), cfg, games, args['report'], args['heldout'], None, args['episodes'],
+               cfg.max_steps, args['max_seconds'] or None)
+        return
     plan = not args['no_plan']
     settings = {g: dict(zip(('beam', 'horizon', 'context'), game_settings(cfg, g, plan))) for g in games}
     print(f"{cfg.preset} model on {device}, {args['episodes']} episodes per game; " +
           ', '.join(f"{g} H={s['horizon']} K={s['beam']} context={s['context']}" for g, s in settings.items()))
-    returns = evaluate(model, tokenizer, cfg, games, args['episodes'], plan=plan, batch=args['batch'] or None,
+    returns, cut = evaluate(model, tokenizer, cfg, games, args['episodes'], plan=plan, batch=args['batch'] or None,
                        vector=args['vector'], max_seconds=args['max_seconds'] or None, video=args['video'] or None,
                        verbose=True, freeze=True)
-    table, summary = summarize(returns, cfg.preset, plan)
+    table, summary = summarize(returns, cfg.preset, plan, cut=cut)
     print(table)
     if args['out']:
         with open(args['out'], 'w') as f:
-            json.dump(dict(ckpt=args['ckpt'], preset=cfg.preset, plan=plan, settings=settings, returns=returns,
+            json.dump(dict(ckpt=args['ckpt'], preset=cfg.preset, plan=plan, settings=settings, returns=returns, cut=cut,
                            summary=summary), f, indent=1)
         print(f"wrote {args['out']}")
 

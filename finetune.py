@@ -44,7 +44,9 @@ DEFAULTS = dict(init='', game='Pong', data='', out_dir='out/finetune', resume=Fa
                 replay_factor=10,       # imagined-segment FIFO capacity, in dataset segments
                 train_tokenizer=False, tok_frames=128,  # official code: Adam 1e-4 on 128 real frames per step
                 eval_interval=0,        # steps between evaluations + checkpoints (0 = one epoch of the dataset)
-                eval_episodes=16, eval_seconds=180.0, log_interval=200)
+                eval_episodes=16, eval_seconds=180.0, log_interval=200,
+                report=True,            # at the end: evidence per stage and a random / greedy / planning score table
+                heldout='')             # processed episodes of the game not trained on, for the report ('' = the data)
 FINETUNE = dict(world_weight=0.5, batch_size=32, lr_world2=5e-5, lr_critic=5e-5, target_update=1000, context=8)
 
 
@@ -267,7 +269,7 @@ def finetune(argv):
                 t_eval = time.time()
                 model.eval()
                 returns = evaluate(model, tokenizer, cfg, [game], args['eval_episodes'], plan=False,
-                                   max_seconds=args['eval_seconds'])[game]
+                                   max_seconds=args['eval_seconds'])[0][game]
                 model.train()
                 score = float(np.mean(returns))
                 if score > best['score']:
@@ -284,6 +286,12 @@ def finetune(argv):
     if best['step']:
         dns = f", DNS {normalized_score(game, best['score'], 'dqn'):.3f}" if game in REF_SCORES else ''
         print(f"best {game} score {best['score']:.1f} at step {best['step']}{dns} -> {args['out_dir']}/best.pt")
+    if args['report']:
+        from evaluate import report
+        if not args['heldout']:
+            print(f"note: no --heldout, so the report's frames come from the fine-tuning data {src}")
+        report(model.eval(), tokenizer.eval(), cfg, [game], args['out_dir'], args['heldout'] or src, history,
+               args['eval_episodes'], cfg.max_steps, args['eval_seconds'])
     return dict(model=model, tokenizer=tokenizer, history=history, best=best, step=step, replay=replay)
 
 

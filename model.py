@@ -55,6 +55,7 @@ class JOWAConfig:
     stage2_steps: int = 1_500_000  # frozen tokenizer, joint world + critic loss
     tok_batch: int = 2048      # frames per tokenizer step, summed over ranks
     lr_tokenizer: float = 1e-4   # Adam
+    tok_restart: int = 0       # stage-1 steps between restarts of unused codebook codes (0 = none, as official)
     lr_world1: float = 1e-4      # AdamW, stage 1
     lr_world2: float = 5e-5      # AdamW, stage 2 and fine-tuning
     lr_critic: float = 5e-5      # AdamW, Q head
@@ -397,6 +398,15 @@ class JOWA(nn.Module):
             x = block(x, layer=i, lin=lin, rows=rows if i == len(self.blocks) - 1 else None, **kw)
         return self.ln_f(x)
 
+    def world_logits(self, h):
+        """h (B, T, 37, E) -> logits of the obs tokens (B, T*36-1, V), where slot j predicts token j+1 of the
+        flattened frames (the action token predicts the next frame's first token), and of the reward sign class
+        (B, T, 3) and termination (B, T, 2), both read at the action tokens (B§3.1)."""
+        K = self.cfg.obs_tokens
+        obs_h = torch.cat([h[:, :, :K - 1], h[:, :, K:]], 2).flatten(1, 2)[:, :-1]  # (B, T*K-1, E)
+        act_h = h[:, :, K]  # (B, T, E)
+        return self.head_obs(obs_h), self.head_rew(act_h), self.head_end(act_h)
+
     def q_probs(self, h, target=False):
         """Ensemble-mean C51 probabilities (..., A, Z) from features h (..., E) (B§3.2)."""
         if target:
@@ -436,13 +446,12 @@ class JOWA(nn.Module):
 
         # world model: next obs token, reward sign class, termination (B§4.2)
         real = mask & batch['real'][:, None] if 'real' in batch else mask
-        obs_h = torch.cat([h[:, :, :K - 1], h[:, :, K:]], 2).flatten(1, 2)[:, :-1]  # (B, T*K-1, E): slot j predicts token j+1
+        obs_logits, rew_logits, end_logits = self.world_logits(h)
         obs_labels = obs.masked_fill(~real[..., None], -100).flatten(1)[:, 1:]
-        loss_obs = F.cross_entropy(self.head_obs(obs_h).flatten(0, 1).float(), obs_labels.flatten())
-        act_h = h[:, :, K]  # (B, T, E) action tokens
+        loss_obs = F.cross_entropy(obs_logits.flatten(0, 1).float(), obs_labels.flatten())
         rew_labels = (torch.sign(rew).long() + 1).masked_fill(~real, -100)
-        loss_rew = F.cross_entropy(self.head_rew(act_h).flatten(0, 1).float(), rew_labels.flatten())
-        loss_end = F.cross_entropy(self.head_end(act_h).flatten(0, 1).float(), ends.masked_fill(~real, -100).flatten())
+        loss_rew = F.cross_entropy(rew_logits.flatten(0, 1).float(), rew_labels.flatten())
+        loss_end = F.cross_entropy(end_logits.flatten(0, 1).float(), ends.masked_fill(~real, -100).flatten())
         world = loss_obs + loss_rew + loss_end
         terms = dict(obs=loss_obs, rew=loss_rew, end=loss_end)
         if stage == 1:

@@ -1358,14 +1358,15 @@ def test_evaluate_plays_episodes(tiny_eval, tmp_path, monkeypatch):
     call = Planner.__call__
     monkeypatch.setattr(Planner, '__call__', lambda self, *a, **k: calls.append((k['guess'], call(self, *a, **k)))
                         or calls[-1][1])
-    out = evaluate(model, tok, cfg, ['Pong', 'MsPacman'], 2, plan=True, video=video)
+    out, cut = evaluate(model, tok, cfg, ['Pong', 'MsPacman'], 2, plan=True, video=video)
     assert set(out) == {'Pong', 'MsPacman'} and all(len(r) == 2 for r in out.values())
+    assert cut == {'Pong': [True, True], 'MsPacman': [True, True]}  # max_steps=4 stops them all
     assert np.load(video).shape == (4, 84, 84)  # one frame per agent step of rollout 0
     # each plan's first guess is the frame the environment's previous plan imagined after its action
     assert len(calls) == 4 and (calls[0][0] == -1).all()
     assert all(torch.equal(g, prev['obs'][:, 0]) for (g, _), (_, prev) in zip(calls[1:], calls))
     monkeypatch.undo()
-    out = evaluate(model, tok, cfg, ['Pong'], 3, plan=False, batch=2, vector=False)
+    out, _ = evaluate(model, tok, cfg, ['Pong'], 3, plan=False, batch=2, vector=False)
     assert len(out['Pong']) == 3
 
 
@@ -1378,7 +1379,8 @@ def test_evaluate_command_line(tiny_eval, tmp_path):
     out = str(tmp_path / 'scores.json')
     main([f'--ckpt={ckpt}', '--games=Pong', '--episodes=2', '--max_steps=3', '--no-plan', f'--out={out}'])
     res = json.load(open(out))
-    assert len(res['returns']['Pong']) == 2 and res['plan'] is False and 'iqm_hns' in res['summary']
+    assert len(res['returns']['Pong']) == 2 and res['plan'] is False
+    assert res['cut'] == {'Pong': [True, True]} and 'iqm_hns' not in res['summary']  # capped: no HNS
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -1412,13 +1414,107 @@ def test_iqm_is_the_trimmed_mean():
     assert iqm([1.0, 2.0, 3.0, 100.0]) == pytest.approx(2.5)
 
 
+# --- evidence per stage (evaluate.report) ----------------------------------------------------------------------
+
+def test_codebook_use_known_answers():
+    from evaluate import codebook_use
+    assert codebook_use(torch.zeros(10, dtype=torch.long), 8) == (1, 1.0)  # a collapsed codebook
+    used, ppl = codebook_use(torch.tensor([0, 1, 2, 3] * 5), 8)
+    assert used == 4 and ppl == pytest.approx(4.0)  # uniform over 4 codes
+    used, ppl = codebook_use(torch.tensor([[5, 5], [5, 7]]), 8)  # frequencies 3/4, 1/4
+    assert used == 2 and ppl == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+
+
+def test_frame_accuracy_and_copy_baseline_known_answers():
+    from evaluate import frame_accuracy
+    obs = torch.tensor([[[1, 2], [1, 3], [2, 3]]])  # (B=1, T=3, K=2)
+    pred = torch.tensor([[[1, 3], [0, 0]]])  # frame 1 right, frame 2 wrong
+    assert frame_accuracy(pred, obs, torch.ones(1, 3, dtype=torch.bool)) == (0.5, 0.5)
+    assert frame_accuracy(pred, obs, torch.tensor([[True, True, False]])) == (1.0, 0.5)  # frame 2 is padding
+
+
+def tiny_token_batch(cfg, B=2, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(observations=torch.randint(0, cfg.obs_vocab, (B, T, 36), generator=g),
+                actions=torch.randint(0, 6, (B, T), generator=g), envs=torch.tensor([task_id('Pong')] * B))
+
+
+def test_next_frame_predictions_are_the_teacher_forced_argmax():
+    """Brute force: each token of frame 1 predicted by a full forward of the real sequence before it."""
+    from evaluate import next_frame_predictions
+    torch.manual_seed(0)
+    cfg = make_config('tiny')
+    model, b = JOWA(cfg).eval(), tiny_token_batch(cfg, B=1, T=2)
+    pred = next_frame_predictions(model, b)[0]
+    seq = torch.cat([b['observations'], b['actions'][..., None]], -1).flatten(1)  # (1, 74)
+    with torch.no_grad():
+        brute = [model.head_obs(model(seq[:, :37 + j], b['envs'])[:, -1]).argmax(-1) for j in range(36)]
+    assert torch.equal(pred[0, 0], torch.cat(brute))
+
+
+def test_imagined_frames_equal_greedy_decoding_without_cache():
+    from evaluate import imagine_frames
+    torch.manual_seed(0)
+    cfg = make_config('tiny')
+    model, b = JOWA(cfg).eval(), tiny_token_batch(cfg, B=2, T=6)
+    out = imagine_frames(model, b['observations'], b['actions'], b['envs'], context=4)
+    assert out.shape == (2, 2, 36)
+    seq = torch.cat([b['observations'][:, :4], b['actions'][:, :4, None]], -1).flatten(1)
+    with torch.no_grad():
+        for t in range(2):
+            for j in range(36):
+                seq = torch.cat([seq, model.head_obs(model(seq, b['envs'])[:, -1]).argmax(-1, keepdim=True)], 1)
+            seq = torch.cat([seq, b['actions'][:, 4 + t, None]], 1)
+    assert torch.equal(out, seq[:, 4 * 37:].view(2, 2, 37)[..., :36])
+
+
+def test_codebook_restarts_move_only_unused_codes_onto_encoder_outputs():
+    from evaluate import codebook_use
+    torch.manual_seed(0)
+    tok = Tokenizer(make_config('tiny')).train()
+    tok.lpips.warned = True  # no perceptual term here, and no warning about it
+    x = blocky_frames(4)
+    before = codebook_use(tok.encode(x), 512)
+    tok.compute_loss(x)  # a training batch counts its codes
+    assert tok.uses.sum() == 4 * 36
+    used, old = tok.uses > 0, tok.embedding.weight.detach().clone()
+    assert tok.restart_dead_codes(x) == int((~used).sum()) and tok.uses.sum() == 0
+    new = tok.embedding.weight.detach()
+    assert torch.equal(new[used], old[used])  # codes in use stay
+    z = tok.encode_latents(x)[0].detach().permute(0, 2, 3, 1).reshape(-1, new.shape[1])
+    assert (new[~used][:, None] == z[None]).all(-1).any(1).all()  # each moved code is one of the batch's z
+    assert codebook_use(tok.encode(x), 512)[0] > before[0]
+    tok.eval().compute_loss(x)
+    assert tok.uses.sum() == 0  # evaluation batches do not count
+
+
+def test_random_row_plays_the_agents_seeds_and_marks_capped_episodes(tiny_eval, monkeypatch):
+    from evaluate import Envs, evaluate, score_table
+    cfg, model, tok = tiny_eval
+    seeds = []
+    monkeypatch.setattr(Envs, '__init__', lambda self, g, s, v=True, _i=Envs.__init__:
+                        seeds.append(list(s)) or _i(self, g, s, v))
+    rows = {p: evaluate(model, tok, cfg, ['Pong'], 3, plan=False, policy='random' if p == 'random' else 'model',
+                        max_steps=8 if p == 'random' else 4) for p in ('random', 'greedy')}
+    assert seeds == [[0, 1, 2], [0, 1, 2]]
+    assert rows['random'][1] == {'Pong': [True] * 3}  # every episode hit the step cap
+    assert rows['random'] == evaluate(model, tok, cfg, ['Pong'], 3, policy='random', max_steps=8)  # reproducible
+    table, stats, verdicts = score_table(rows)
+    assert '3 of 3 cut by a step/time cap' in table and stats['greedy']['Pong']['hns'] is None
+    whole = {'random': ({'Pong': [-21.0, -20.0]}, {'Pong': [False, False]}),
+             'greedy': ({'Pong': [-10.0, -11.0]}, {'Pong': [False, False]})}
+    table, stats, verdicts = score_table(whole)
+    assert stats['greedy']['Pong']['hns'] == pytest.approx(M.normalized_score('Pong', -10.5))
+    assert stats['greedy']['Pong']['ci95'] == [-11.0, -10.0] and verdicts[0].startswith('greedy beats random on Pong')
+
+
 # ==============================================================================================================
 # train
 # ==============================================================================================================
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TINY = ['--preset=tiny', '--games=Pong,Assault', '--batch_size=4', '--micro_batch=2', '--tok_batch=4',
-        '--log_interval=1', '--ckpt_interval=1']
+        '--log_interval=1', '--ckpt_interval=1', '--report=False']
 
 
 @pytest.fixture(scope='module')
@@ -1524,7 +1620,7 @@ def test_resume_is_exact(train_data, tmp_path):
 @pytest.mark.slow
 def test_resume_across_stage_switch(train_data, tmp_path):
     """Stop inside stage 1 and right at the switch (a checkpoint holding the stage-1 optimizer), resume twice."""
-    flags = [*TINY, f'--data_dir={train_data}', '--stage1_steps=2', '--stage2_steps=2']
+    flags = [*TINY, f'--data_dir={train_data}', '--stage1_steps=2', '--stage2_steps=2', '--tok_restart=1']
     run_train(*flags, f'--out_dir={tmp_path}/full')
     run_train(*flags, f'--out_dir={tmp_path}/cut', '--stop_at=1')
     run_train(f'--out_dir={tmp_path}/cut', '--resume', '--stop_at=2')
@@ -1569,12 +1665,21 @@ def test_ddp_replicas_identical_and_gradients_averaged(train_data, tmp_path):
 @pytest.mark.slow
 def test_demo_smoke(tmp_path):
     """The demo path on one real game, shortened: collect, process, both stages, evaluation table."""
-    p = run_train('--demo', f'--data_dir={tmp_path}/processed', f'--out_dir={tmp_path}/out', '--games=Berzerk',
-              '--eval_games=Berzerk', '--demo_steps=500', '--stage1_steps=2', '--stage2_steps=2', '--eval_interval=4',
-              '--eval_episodes=1', '--eval_max_steps=30')
+    p = run_train('--demo', f'--data_dir={tmp_path}/processed', f'--heldout_dir={tmp_path}/heldout',
+                  f'--out_dir={tmp_path}/out', '--games=Berzerk', '--eval_games=Berzerk', '--demo_steps=500',
+                  '--stage1_steps=2', '--stage2_steps=2', '--eval_interval=4', '--eval_episodes=1',
+                  '--eval_max_steps=30', '--log_interval=1')
     assert 'stage 2, tokenizer frozen' in p.stdout and 'evaluation at step 4' in p.stdout
     assert any(line.split()[:2] == ['Berzerk', '1'] for line in p.stdout.splitlines())
     assert load_ckpt(f'{tmp_path}/out')['step'] == 4
+    # the report: held-out episodes of another seed, every stage's numbers, the score table with its random row
+    assert json.load(open(f'{tmp_path}/heldout/Berzerk/meta.json'))['steps'] > 0
+    assert 'tokenizer   Berzerk' in p.stdout and 'world model Berzerk' in p.stdout
+    assert any(line.split()[:2] == ['Berzerk', 'random'] for line in p.stdout.splitlines())
+    log = [json.loads(line) for line in open(f'{tmp_path}/out/log.jsonl')]
+    assert [r['step'] for r in log] == [1, 2, 3, 4] and 'tok_recons' in log[0] and 'td' in log[-1]
+    p = run_train('--demo=longer', check=False)
+    assert p.returncode != 0 and 'choose --demo (short) or --demo=long' in p.stdout + p.stderr
 
 
 # ==============================================================================================================
@@ -1654,7 +1759,8 @@ def grey_tokenizer(monkeypatch, one_thread):
 
 def finetune_run(init, data_dir, out, *extra):
     return finetune.finetune([f'--init={init}', '--game=Pong', f'--data={data_dir}', f'--out_dir={out}', '--device=cpu',
-                              '--batch_size=8', '--imagine_batch=8', '--eval_episodes=0', '--log_interval=1', *extra])
+                              '--batch_size=8', '--imagine_batch=8', '--eval_episodes=0', '--log_interval=1', '--report=False',
+                              *extra])
 
 
 def segments(B=4, T=8):
@@ -1793,7 +1899,7 @@ def test_evaluation_keeps_the_best_snapshot(grey_tokenizer, pong_processed, tiny
     def fake(model, tokenizer, cfg, games, episodes, plan=False, **kw):
         inspect.signature(evaluate.evaluate).bind(model, tokenizer, cfg, games, episodes, plan=plan, **kw)  # real API
         calls.append((model.training, cfg.context, games, episodes, plan))
-        return {games[0]: [next(scores)] * episodes}
+        return {games[0]: [next(scores)] * episodes}, {games[0]: [False] * episodes}
     monkeypatch.setattr(finetune, 'evaluate', fake)
     finetune_run(tiny_ckpt, pong_processed, tmp_path, '--imagine=False', '--steps=6', '--eval_interval=2',
                  '--eval_episodes=2')
@@ -1808,9 +1914,17 @@ def test_evaluation_keeps_the_best_snapshot(grey_tokenizer, pong_processed, tiny
 def test_real_evaluation(grey_tokenizer, pong_processed, tiny_ckpt, tmp_path, capsys):
     """evaluate.py's real loop on real Pong, cut at 30 agent steps."""
     out = finetune_run(tiny_ckpt, pong_processed, tmp_path, '--imagine=False', '--steps=1', '--eval_episodes=1',
-                       '--max_steps=30')
-    assert out['best']['step'] == 1 and 'eval step 1: Pong mean return' in capsys.readouterr().out
+                       '--max_steps=30', '--report=True')
+    printed = capsys.readouterr().out
+    assert out['best']['step'] == 1 and 'eval step 1: Pong mean return' in printed
     assert torch.load(tmp_path / 'best.pt', weights_only=True)['score'] == out['best']['score']
+    # the report at the end: every stage's numbers, the three policies on the same seeds, capped episodes marked
+    rep = json.load(open(tmp_path / 'report.json'))
+    assert set(rep['agent']) == {'random', 'greedy', 'plan'} and rep['agent']['plan']['Pong']['cut'] == 1
+    assert 0 <= rep['tokenizer']['Pong']['perplexity'] <= 512 and 'copy_last_frame_acc' in rep['world_model']['Pong']
+    assert 'tokenizer   Pong: L1' in printed and '1 of 1 cut by a step/time cap' in printed
+    if importlib.util.find_spec('matplotlib'):
+        assert all((tmp_path / f).exists() for f in ('tokenizer.png', 'world_model.png', 'curves.png'))
 
 
 def test_resume_matches_an_uninterrupted_run(grey_tokenizer, pong_processed, tmp_path):

@@ -215,6 +215,8 @@ class Tokenizer(nn.Module):
                 nn.init.orthogonal_(m.weight, gain=nn.init.calculate_gain('relu'))
                 nn.init.zeros_(m.bias)
         nn.init.uniform_(self.embedding.weight, -1 / self.vocab, 1 / self.vocab)
+        # code uses by training batches since the last restart_dead_codes (not part of the weights)
+        self.register_buffer('uses', torch.zeros(self.vocab, dtype=torch.long), persistent=False)
 
     def trainable_parameters(self):
         # everything but the frozen LPIPS network (its parameters also have requires_grad=False)
@@ -254,7 +256,9 @@ class Tokenizer(nn.Module):
 
     def compute_loss(self, x):
         """x: (..., 1, 84, 84) float in [0, 1] -> (loss, dict of detached terms). B§1.7: every weight is 1."""
-        z, z_q, _ = self.encode_latents(x)
+        z, z_q, tokens = self.encode_latents(x)
+        if self.training:
+            self.uses += torch.bincount(tokens.flatten(), minlength=self.vocab)
         rec = self.decode_latents(z + (z_q - z).detach())  # straight-through: decoder gradient goes to z
         target = x * 2 - 1
         terms = dict(reconstruction=(target - rec).abs().mean(),
@@ -268,6 +272,21 @@ class Tokenizer(nn.Module):
         return sum(terms.values()), {k: v.detach() for k, v in terms.items()}
 
     forward = compute_loss  # so that DDP can wrap the tokenizer for training
+
+    @torch.no_grad()
+    def restart_dead_codes(self, x):
+        """Codebook restarts (cfg.tok_restart; an option, not the official recipe): every code no training batch
+        has used since the last call moves onto an encoder output z of frames x (..., 1, 84, 84), drawn at random.
+        Why: the codebook starts near zero and only chosen codes move, so a short budget ends with a handful of
+        codes in use (the official run trains 250k steps of 2,048 frames without restarts). Returns how many moved."""
+        dead = (self.uses == 0).nonzero().flatten()
+        if len(dead):
+            z = self.encode_latents(x)[0]
+            z = z.reshape(-1, *z.shape[-3:]).permute(0, 2, 3, 1).flatten(0, 2)  # (n*36, E)
+            pick = torch.randint(0, len(z), (len(dead),), device=z.device)  # the global RNG: resumes exactly
+            self.embedding.weight[dead] = z[pick].to(self.embedding.weight.dtype)
+        self.uses.zero_()
+        return len(dead)
 
 # -----------------------------------------------------------------------------
 # LPIPS weights and official checkpoints

@@ -12,6 +12,7 @@ the gradients of all ranks with one all-reduce per step, so every replica holds 
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py ...
     python train.py --out_dir=out --resume                       # continue out/ckpt.pt exactly (config from the file)
 """
+import json
 import os
 import random
 import sys
@@ -48,16 +49,29 @@ args = dict(
     wandb=False,
     wandb_project='jowa',
     wandb_run='',
-    demo=False,                   # the flags of DEMO below, then the given ones; collects its data if missing
-    demo_steps=2000,              # random-policy agent steps the demo collects per game
+    heldout_dir='',               # processed episodes of the same games never trained on, for the final report
+    report=True,                  # at the end: evidence per stage and a random / greedy / planning score table
+    demo='',                      # 'short' (or --demo alone) or 'long': DEMOS' flags, then the given ones
+    demo_steps=2000,              # random-policy agent steps the demo collects per game (and 2,000 held out)
 )
-DEMO = ['--preset=tiny', '--data_dir=data_cache/demo/processed', '--games=Carnival,Assault,SpaceInvaders',
-        '--out_dir=out/demo', '--stage1_steps=80', '--stage2_steps=1200', '--batch_size=8', '--micro_batch=8',
-        '--tok_batch=4', '--target_update=100', '--log_interval=40', '--ckpt_interval=200', '--eval_interval=1280',
-        '--eval_games=Carnival,Assault,SpaceInvaders', '--eval_episodes=2', '--eval_max_steps=400',
-        '--eval_max_seconds=120.0']  # ~8 min on 2 CPU cores
+# the demos: collect real ALE play of 3 games with a random policy, train the tiny preset on 2 CPU cores, report.
+# The codebook restarts (tok_restart) keep the short tokenizer budget from collapsing onto a few codes.
+DEMO = ['--preset=tiny', '--games=Carnival,Assault,SpaceInvaders', '--batch_size=8', '--micro_batch=8',
+        '--tok_batch=8', '--tok_restart=20', '--log_interval=50', '--eval_games=Carnival,Assault,SpaceInvaders']
+DEMOS = dict(
+    short=DEMO + ['--data_dir=data_cache/demo/processed', '--heldout_dir=data_cache/demo/heldout', '--out_dir=out/demo',
+                  '--stage1_steps=80', '--stage2_steps=1200', '--target_update=100', '--ckpt_interval=400',
+                  '--eval_episodes=4', '--eval_max_steps=1000', '--eval_max_seconds=60.0'],  # ~10 min
+    long=DEMO + ['--data_dir=data_cache/long/processed', '--heldout_dir=data_cache/long/heldout', '--out_dir=out/long',
+                 '--demo_steps=10000', '--stage1_steps=400', '--stage2_steps=6000', '--target_update=500',
+                 '--ckpt_interval=1000', '--eval_episodes=16', '--eval_max_steps=27000', '--eval_max_seconds=600.0'],
+)
 argv = sys.argv[1:]
-argv = DEMO + argv if any(a in ('--demo', '--demo=True') for a in argv) else argv
+demo = next((a.partition('=')[2] or 'short' for a in argv if a.split('=')[0] == '--demo'), '')
+demo = 'short' if demo == 'True' else demo
+if demo and demo not in DEMOS:
+    raise SystemExit(f"error: --demo={demo}: choose --demo (short) or --demo=long")
+argv = DEMOS[demo] + [a for a in argv if a.split('=')[0] != '--demo'] + [f'--demo={demo}'] if demo else argv
 cfg, args = parse_args(argv, args)
 given = {a[2:].partition('=')[0].replace('-', '_') for a in argv}
 ckpt_path = os.path.join(args['out_dir'], 'ckpt.pt')
@@ -107,12 +121,13 @@ if master:
 # -----------------------------------------------------------------------------
 # data: segments of the processed games; the demo collects real ALE play first (data.py)
 games = args['games'].split(',')
-if args['demo'] and master:
-    raw = os.path.join(os.path.dirname(args['data_dir']), 'replay')
-    for g in games:
-        if not os.path.exists(os.path.join(args['data_dir'], g, 'meta.json')):
-            data.collect(g, raw, args['demo_steps'], run=1, ckpt_size=1000, seed=cfg.seed)
-            data.process_game(raw, args['data_dir'], g, [1], list(range(-(-args['demo_steps'] // 1000))), fraction=1.0)
+if args['demo'] and master:  # training episodes, and held-out ones (another seed: other episodes)
+    for dest, n, seed in ((args['data_dir'], args['demo_steps'], cfg.seed), (args['heldout_dir'], 2000, cfg.seed + 1)):
+        raw = dest + '_replay'
+        for g in games:
+            if not os.path.exists(os.path.join(dest, g, 'meta.json')):
+                data.collect(g, raw, n, run=1, ckpt_size=1000, seed=seed)
+                data.process_game(raw, dest, g, [1], list(range(-(-n // 1000))), fraction=1.0)
 if ddp:
     dist.barrier()
 try:
@@ -220,13 +235,14 @@ def save():
         stop_nonfinite()
     # per-rank states, gathered; the parameter checksums prove the replicas never drifted apart (B§5.3)
     rngs, streams = gather(rng_state()), sum(gather([s.state_dict() for s in samplers]), [])
+    uses = gather(tokenizer.uses.cpu())  # per rank: the codebook uses since the last restart
     sums = gather(torch.stack([p.detach().double().sum() for p in params + tok_params]).cpu())
     if any(not torch.equal(s, sums[0]) for s in sums):
         raise RuntimeError(f"DDP replicas differ at step {step}: gradients were not synchronised")
     if master:
         save_checkpoint(dict(config=asdict(cfg), args=args, step=step, stage=stage, model=model.state_dict(),
                              tokenizer=tokenizer.state_dict(), optimizer=optimizer.state_dict(),
-                             tok_optimizer=tok_optimizer.state_dict(), samplers=streams, rng=rngs,
+                             tok_optimizer=tok_optimizer.state_dict(), samplers=streams, rng=rngs, tok_uses=uses,
                              replica_checksums=sums), ckpt_path)
     saved = step
 
@@ -248,11 +264,11 @@ def evaluate_now():
     state = rng_state()
     copy = JOWA(cfg).to(device)
     copy.load_state_dict(model.state_dict())
-    returns = evaluate(copy.eval(), tokenizer.eval(), cfg, args['eval_games'].split(','), args['eval_episodes'],
+    returns, cut = evaluate(copy.eval(), tokenizer.eval(), cfg, args['eval_games'].split(','), args['eval_episodes'],
                        plan=False, max_steps=args['eval_max_steps'], max_seconds=args['eval_max_seconds'])
     tokenizer.train(stage == 1)
     set_rng_state(state)
-    print(f"evaluation at step {step}, no planning:\n{summarize(returns, cfg.preset, plan=False)[0]}", flush=True)
+    print(f"evaluation at step {step}, no planning:\n{summarize(returns, cfg.preset, plan=False, cut=cut)[0]}", flush=True)
     return {f'eval/{g}': float(np.mean(r)) for g, r in returns.items() if r}
 
 
@@ -262,6 +278,8 @@ if ckpt and len(ckpt['samplers']) == n_workers and len(ckpt['rng']) == world_siz
     for i, s in enumerate(samplers):
         s.load_state_dict(ckpt['samplers'][rank * accum + i])
     set_rng_state(ckpt['rng'][rank])
+    if 'tok_uses' in ckpt:
+        tokenizer.uses.copy_(ckpt['tok_uses'][rank])
 else:
     if ckpt and master:
         print(f"note: the checkpoint has other ranks/micro-steps, the data streams restart from seed {cfg.seed}")
@@ -273,6 +291,16 @@ if stage == 2:
 if args['wandb'] and master:
     import wandb
     wandb.init(project=args['wandb_project'], name=args['wandb_run'] or None, config={**asdict(cfg), **args})
+
+# the training log (log.jsonl, one line per log_interval): curves for the report; a resumed run keeps its past
+log_path, log = os.path.join(args['out_dir'], 'log.jsonl'), []
+if master:
+    if ckpt and os.path.exists(log_path):
+        with open(log_path) as f:
+            log = [r for r in map(json.loads, f) if r['step'] <= step]
+    os.makedirs(args['out_dir'], exist_ok=True)
+    with open(log_path, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in log)
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -322,6 +350,12 @@ while True:
         torch.nn.utils.clip_grad_norm_(tok_params, cfg.grad_clip)
         tok_optimizer.step()
         tok_optimizer.zero_grad(set_to_none=True)
+        if cfg.tok_restart and step % cfg.tok_restart == 0:  # step 0 too: the codebook starts from encoder outputs
+            if ddp:  # every rank's uses count; rank 0's new codes are everyone's
+                dist.all_reduce(tokenizer.uses)
+            tokenizer.restart_dead_codes(frames)
+            if ddp:
+                dist.broadcast(tokenizer.embedding.weight.data, 0)
     step += 1
     if step % cfg.target_update == 0:  # counted over both stages, as the official code does
         model.update_target()
@@ -337,7 +371,17 @@ while True:
             print(f"step {step} | stage {stage} | " + ' '.join(f'{k} {v:.4f}' for k, v in logs.items()) +
                   f" | lr {optimizer.param_groups[0]['lr']:.1e} | {dt * 1000:.0f} ms | "
                   f"{cfg.batch_size * cfg.max_tokens / dt:,.0f} tok/s{mem}", flush=True)
+            log.append(dict(step=step, stage=stage, **logs))
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(log[-1]) + '\n')
             if args['wandb']:
                 wandb.log({**logs, 'stage': stage, 'ms_per_step': dt * 1000}, step=step)
 
+if master and args['report'] and step == total_steps:  # evidence per stage (evaluate.report), rank 0
+    from evaluate import report
+    heldout = args['heldout_dir'] or args['data_dir']
+    if not args['heldout_dir']:
+        print(f"note: no --heldout_dir, so the report's frames come from the training data {heldout}")
+    report(model.eval(), tokenizer.eval(), cfg, games, args['out_dir'], heldout, log, args['eval_episodes'],
+           args['eval_max_steps'], args['eval_max_seconds'])
 cleanup()
