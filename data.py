@@ -111,12 +111,17 @@ def split_episodes(terminal):
     return np.concatenate([[0], ends])[:-1].astype(np.int64), ends.astype(np.int64)
 
 
+def check_files(src, game, files):
+    """Every file of the (run, ckpt) checkpoints exists (checked before any work starts)."""
+    missing = [p for run, ckpt in files for k in NAMES if not os.path.exists(p := replay_path(src, game, run, ckpt, k))]
+    if missing:
+        raise FileNotFoundError(f"missing file {missing[0]}" + (f" and {len(missing) - 1} more" if missing[1:] else ''))
+
+
 def scan(src, game, files):
     """Check every (run, ckpt) checkpoint and split it into episodes, reading only headers and terminals.
     Returns ([(starts, ends)] per file, total steps)."""
-    missing = [p for run, ckpt in files for k in NAMES if not os.path.exists(p := replay_path(src, game, run, ckpt, k))]
-    if missing:  # all checked before any work starts
-        raise FileNotFoundError(f"missing file {missing[0]}" + (f" and {len(missing) - 1} more" if missing[1:] else ''))
+    check_files(src, game, files)
     bounds, total = [], 0
     for run, ckpt in tqdm(files, desc=f'{game} scan'):
         heads = {}  # name -> (shape, dtype)
@@ -334,11 +339,17 @@ def build_token_cache(processed_dir, games, tokenizer, batch=1024):
 
 
 def make_policy(policy, game, valid, seed):
-    """'random' (uniform over the valid actions) or a checkpoint's greedy Q policy on a one-frame context, with
-    a random valid action with probability cfg.epsilon (B§8.1). Returns obs (84, 84) uint8 -> full action id."""
+    """'random' (uniform over the valid actions), 'action:<full id>' (always that action: a scripted policy, e.g.
+    for behaviour cloning) or a checkpoint's greedy Q policy on a one-frame context, with a random valid action with
+    probability cfg.epsilon (B§8.1). Returns obs (84, 84) uint8 -> full action id."""
     rng = np.random.default_rng(seed)
     if policy == 'random':
         return lambda obs: int(rng.choice(valid))
+    if policy.startswith('action:'):
+        a = policy.partition(':')[2]
+        if not a.isdigit() or int(a) not in valid:
+            raise ValueError(f"--policy={policy}: {game}'s valid full action ids are {valid}")
+        return lambda obs: int(a)
     cfg, model, tokenizer = load_checkpoint(policy)
     task = torch.tensor([task_id(game)])
 
@@ -351,14 +362,19 @@ def make_policy(policy, game, valid, seed):
     return greedy
 
 
-def collect(game, out, steps, run=1, ckpt_size=1000, policy='random', seed=0):
+def collect(game, out, steps, run=1, ckpt_size=1000, policy='random', seed=0, replace=False):
     """Play `steps` agent steps with sticky actions 0.25 and write DQN-Replay files, one checkpoint per ckpt_size
     steps, rows as Dopamine's replay buffer stores them: the frame the action was chosen on, the action's minimal
     index (int32), the reward clipped to [-1, 1] (float32), terminal 1 on an episode's last step (uint8). Episodes
     run on across checkpoint files, as in the real data; Dopamine's 27,000-step episode cap ends one as terminal."""
+    logs = os.path.join(out, game, str(run), 'replay_logs')
+    if os.path.isdir(logs) and os.listdir(logs):  # never a mix of two collections
+        if not replace:
+            raise ValueError(f"{logs} already holds a collection: choose another --out or --run, or --replace=True "
+                             f"to delete it first")
+        shutil.rmtree(os.path.dirname(logs))
     env = make_env(game, sticky=0.25, seed=seed)
     act = make_policy(policy, game, env.valid_actions, seed)
-    logs = os.path.join(out, game, str(run), 'replay_logs')
     os.makedirs(logs, exist_ok=True)
     obs, _ = env.reset()
     rows, ckpt, t, ret, returns = [], 0, 0, 0.0, []
@@ -383,34 +399,52 @@ def collect(game, out, steps, run=1, ckpt_size=1000, policy='random', seed=0):
     print(f"{game}: {steps} steps in {ckpt} checkpoint files, {len(returns)} finished episodes, mean return {mean}")
 
 
+def check_apart(out, inputs):
+    """out (option, folder) and inputs [(option, folder)]: refuse an output folder that is, contains or lies inside
+    an input, where writing could delete or mix the input's data."""
+    (oname, o), real = out, lambda p: os.path.realpath(p) + os.sep
+    for iname, i in inputs:
+        if i and (real(o).startswith(real(i)) or real(i).startswith(real(o))):
+            raise ValueError(f"--{oname}={o} overlaps --{iname}={i}: the output folder must lie outside the input")
+
+
 def int_list(s):
     """'1,2' or '0-49' or '1,3-5' -> list of ints."""
     out = []
     for part in str(s).split(','):
         a, _, b = part.partition('-')
+        if not (a.isdigit() and (b.isdigit() or not _)):
+            raise ValueError(f"{s!r} is not a list of numbers such as 1,3-5")
         out += list(range(int(a), int(b) + 1)) if b else [int(a)]
     return out
 
 
 if __name__ == '__main__':
-    opts = dict(collect=dict(game='Pong', out='replay', steps=5000, run=1, ckpt_size=1000, policy='random'),
+    opts = dict(collect=dict(game='Pong', out='replay', steps=5000, run=1, ckpt_size=1000, policy='random',
+                             replace=False),
                 process=dict(src='replay', out='processed', games=','.join(PRETRAIN_GAMES), runs='1,2', ckpts='1-50',
                              fraction=0.1, transitions=0, stride=4),
                 tokens=dict(data='processed', ckpt='', games='', batch=1024))
+    rules = dict(collect=dict(out='dir', steps='>0', run='>=0', ckpt_size='>0'),
+                 process=dict(out='dir', fraction='(0,1]', transitions='>=0', stride='>0'), tokens=dict(batch='>0'))
     cmd = sys.argv[1] if len(sys.argv) > 1 else ''
     if cmd not in opts:
         raise SystemExit(f"usage: python data.py {'|'.join(opts)} --key=value ... (see the docstring)")
-    cfg, args = parse_args(sys.argv[2:], opts[cmd])
+    cfg, args = parse_args(sys.argv[2:], opts[cmd], rules[cmd])
     try:
         if cmd == 'collect':
-            collect(args['game'], args['out'], args['steps'], args['run'], args['ckpt_size'], args['policy'], cfg.seed)
+            collect(args['game'], args['out'], args['steps'], args['run'], args['ckpt_size'], args['policy'], cfg.seed,
+                    args['replace'])
         elif cmd == 'process':
             games = args['games'].split(',')
-            for game in games:  # every name is checked before any work starts
-                action_mask(game)
+            check_apart(('out', args['out']), [('src', args['src'])])
+            runs, ckpts = int_list(args['runs']), int_list(args['ckpts'])
+            for game in games:  # every name and file is checked before any work starts
+                task_id(game), action_mask(game)
+                check_files(args['src'], game, [(r, c) for r in runs for c in ckpts])
             for game in games:
-                meta = process_game(args['src'], args['out'], game, int_list(args['runs']), int_list(args['ckpts']),
-                                    args['fraction'], args['transitions'], args['stride'], cfg.seed)
+                meta = process_game(args['src'], args['out'], game, runs, ckpts, args['fraction'],
+                                    args['transitions'], args['stride'], cfg.seed)
                 print(f"{game}: {meta['episodes']} episodes, {meta['steps']} steps, {meta['segments']} segments "
                       f"(from {meta['source']['total_episodes']} episodes, {meta['source']['total_steps']} steps)")
         else:

@@ -130,6 +130,8 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
     check_games(games)
     if policy not in ('model', 'random'):
         raise ValueError(f"policy={policy!r}: choose 'model' or 'random'")
+    if plan and cfg.objective == 'bc':
+        raise ValueError("an MTBC model (objective bc) has no world model to plan with: evaluate it with plan=False")
     dev = next(model.parameters()).device
     dtype = ('bfloat16' if dev.type == 'cuda' else 'float32') if cfg.dtype == 'auto' else cfg.dtype
     amp = nullcontext() if dtype == 'float32' else torch.autocast(dev.type, dtype=getattr(torch, dtype))
@@ -153,7 +155,7 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
     # the frame the last plan imagined after its action: the planner's first guess for the next plan (-1: none)
     guess = torch.full((N, cfg.obs_tokens), -1, dtype=torch.long, device=dev)
     ret, steps, done, cut = np.zeros(N), np.zeros(N, dtype=np.int64), np.zeros(N, dtype=bool), np.zeros(N, dtype=bool)
-    video_frames, t0 = [], time.time()
+    video_frames, imagined, t0 = [], np.zeros_like(frames[0]), time.time()
     bar = tqdm(total=N, unit='episode', disable=not verbose, dynamic_ncols=True)
     while not done.all():
         act = np.flatnonzero(~done)  # active slots
@@ -186,8 +188,11 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
                     if H:
                         guess[r] = out['obs'][:, 0]
                 mem[rows, nblk[rows] - 1, cfg.obs_tokens] = torch.as_tensor(actions[act], device=dev)
-        if video and not done[0]:
-            video_frames.append(frames[0].copy())
+        if video and not done[0]:  # with planning: beside the real frame, the one the last plan imagined for it
+            video_frames.append(np.concatenate([frames[0], imagined], 1) if H else frames[0].copy())
+            if H:
+                imagined = np.zeros_like(frames[0]) if guess[0, 0] < 0 else \
+                    (tokenizer.decode(guess[:1])[0, 0] * 255).round().byte().cpu().numpy()
         # step every game's environments
         for gi, e in enumerate(envs):
             s = np.flatnonzero(slot_game == gi)
@@ -209,18 +214,20 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
     if video:
         save_video(video, video_frames)
     slots = {g: np.flatnonzero(slot_game == gi) for gi, g in enumerate(games)}
-    return {g: [float(ret[i]) for i in s] for g, s in slots.items()}, {g: [bool(cut[i]) for i in s] for g, s in slots.items()}
+    return ({g: [float(ret[i]) for i in s] for g, s in slots.items()},
+            {g: [bool(cut[i]) for i in s] for g, s in slots.items()})
 
 
 def save_video(path, frames):
-    """The first rollout's 84x84 grey frames: .npy array, else a video file through OpenCV (e.g. .mp4, .avi)."""
+    """The first rollout's grey frames (84 x 84, or 84 x 168 with the imagined frame beside the real one): .npy
+    array, else a video file through OpenCV (.mp4, .avi)."""
     frames = np.stack(frames)
     if path.endswith('.npy'):
         np.save(path, frames)
         return
     import cv2
     fourcc = cv2.VideoWriter_fourcc(*('MJPG' if path.endswith('.avi') else 'mp4v'))
-    w = cv2.VideoWriter(path, fourcc, 15, (84, 84), False)  # 15 agent steps per second, grey
+    w = cv2.VideoWriter(path, fourcc, 15, frames.shape[2:0:-1], False)  # 15 agent steps per second, grey
     for f in frames:
         w.write(f)
     w.release()
@@ -426,6 +433,37 @@ def save_curves(path, log):
 
 
 @torch.no_grad()
+def stage_evidence(model, tokenizer, cfg, d, segments=64, context=4):
+    """One game's tokenizer and world-model numbers on `segments` segments of a processed game d (load_dataset),
+    and the frames for the pictures: (tokenizer dict, world-model dict, tokenizer rows, world-model rows)."""
+    import data
+    dev, g = next(model.parameters()).device, d['game']
+    batch = {k: v.to(dev) for k, v in data.Sampler([d], cfg.max_blocks, seed=cfg.seed).sample(segments).items()}
+    x, mask = batch['observations'], batch['mask_padding']  # (B, T, 1, 84, 84) frames, (B, T) real steps
+    tok = torch.cat([tokenizer.encode(c) for c in x.flatten(0, 1).split(256)]).view(*mask.shape, -1)
+    rec = torch.cat([tokenizer.decode(c) for c in tok.flatten(0, 1).split(256)]).view_as(x)
+    used, ppl = codebook_use(tok[mask], cfg.obs_vocab)
+    tk = dict(l1=float((rec - x).abs()[mask].mean()), l1_mean_frame=float((x[mask] - x[mask].mean(0)).abs().mean()),
+              codes_used=used, perplexity=ppl, frames=int(mask.sum()),
+              tokens_changed_per_step=float((tok[:, 1:] != tok[:, :-1]).sum(-1)[mask[:, 1:]].float().mean()))
+    every = max(1, int(mask.sum()) // 8)
+    tok_rows = [(f'{g} real', x[mask][::every][:8, 0].cpu()), (f'{g} reconstructed', rec[mask][::every][:8, 0].cpu())]
+    if cfg.objective == 'bc':  # MTBC has no world model
+        return tk, {}, tok_rows, []
+    wm = world_metrics(model, dict(batch, observations=tok))
+    whole = mask.all(1).nonzero().flatten()[:1]  # one segment without padding, for the strip
+    if not len(whole):
+        return tk, wm, tok_rows, []
+    t = int(whole[0])
+    imagined = imagine_frames(model, tok[whole], batch['actions'][whole], batch['envs'][whole], context)[0]
+    wm.update(imagined_token_acc=float((imagined == tok[t, context:]).float().mean()),
+              imagined_copy_context_acc=float((tok[t, context - 1] == tok[t, context:]).float().mean()))
+    wm_rows = [(f'{g} real', x[t, context - 1:, 0].cpu()),
+               (f'{g} imagined', torch.cat([rec[t, context - 1:context], tokenizer.decode(imagined)])[:, 0].cpu())]
+    return tk, wm, tok_rows, wm_rows
+
+
+@torch.no_grad()
 def report(model, tokenizer, cfg, games, out_dir, heldout, log=None, episodes=16, max_steps=None, max_seconds=None,
            policies=('random', 'greedy', 'plan'), segments=64, context=4, say=print):
     """Evidence per stage for a trained model, printed and written into out_dir (report.json and PNGs):
@@ -433,57 +471,31 @@ def report(model, tokenizer, cfg, games, out_dir, heldout, log=None, episodes=16
     beside the frames it imagines from a held-out context with the real actions; token accuracies against copying
     the last frame; reward-sign accuracy), training curves (log), and the agent: a score table of `policies`
     ('random', 'greedy', 'plan') played on the same seeds in this call. heldout: a processed data folder of those
-    games (data.py) whose episodes were not trained on; say what it is when it is the training data."""
+    games (data.py) whose episodes were not trained on."""
     import data
     os.makedirs(out_dir, exist_ok=True)
-    dev = next(model.parameters()).device
     model.eval(), tokenizer.eval()
     out, tok_rows, wm_rows = dict(tokenizer={}, world_model={}), [], []
-    ds = data.load_dataset(heldout, games)
-    for i, d in enumerate(ds):
+    for d in data.load_dataset(heldout, games):
         g = d['game']
-        batch = data.Sampler([d], cfg.max_blocks, seed=cfg.seed).sample(segments)  # frames, padded past episode ends
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        x, mask = batch['observations'], batch['mask_padding']
-        tok = torch.cat([tokenizer.encode(c) for c in x.flatten(0, 1).split(256)]).view(*mask.shape, -1)
-        rec = torch.cat([tokenizer.decode(c) for c in tok.flatten(0, 1).split(256)]).view_as(x)
-        used, ppl = codebook_use(tok[mask], cfg.obs_vocab)
-        changed = (tok[:, 1:] != tok[:, :-1]).sum(-1)[mask[:, 1:]].float().mean()
-        out['tokenizer'][g] = dict(l1=float((rec - x).abs()[mask].mean()), codes_used=used, perplexity=ppl,
-                                   l1_mean_frame=float((x[mask] - x[mask].mean(0)).abs().mean()),
-                                   tokens_changed_per_step=float(changed), frames=int(mask.sum()))
-        batch['observations'] = tok
-        out['world_model'][g] = wm = world_metrics(model, batch)
-        full = mask.all(1).nonzero().flatten()[:1]  # one whole segment for the strip
-        if len(full):
-            t = full[0]
-            imag = imagine_frames(model, tok[full], batch['actions'][full], batch['envs'][full], context)[0]
-            real_next = tok[t, context:]
-            wm['imagined_token_acc'] = float((imag == real_next).float().mean())
-            wm['imagined_copy_context_acc'] = float((tok[t, context - 1:context] == real_next).float().mean())
-            wm_rows += [(f'{g} real', x[t, context - 1:, 0].cpu()),
-                        (f'{g} imagined', torch.cat([rec[t, context - 1:context], tokenizer.decode(imag)])[:, 0].cpu())]
-        tok_rows += [(f'{g} real', x[mask][::max(1, int(mask.sum()) // 8)][:8, 0].cpu()),
-                     (f'{g} reconstructed', rec[mask][::max(1, int(mask.sum()) // 8)][:8, 0].cpu())]
-        tk = out['tokenizer'][g]
+        tk, wm, rows_t, rows_w = stage_evidence(model, tokenizer, cfg, d, segments, context)
+        out['tokenizer'][g], out['world_model'][g], tok_rows, wm_rows = tk, wm, tok_rows + rows_t, wm_rows + rows_w
         say(f"tokenizer   {g}: L1 {tk['l1']:.4f} (the mean frame: {tk['l1_mean_frame']:.4f}) on {tk['frames']} "
-            f"held-out frames, {used} of {cfg.obs_vocab} codes "
-            f"used, perplexity {ppl:.1f}, {tk['tokens_changed_per_step']:.1f} of 36 tokens change per step")
-        say(f"world model {g}: next-frame tokens {wm['next_frame_token_acc']:.3f} (copying the last frame "
-            f"{wm['copy_last_frame_acc']:.3f}), reward sign {wm['reward_sign_acc']:.3f} (always 0: "
-            f"{wm['reward_always_zero_acc']:.3f}; on non-zero rewards {wm['reward_sign_acc_nonzero']:.3f})" +
-            (f", imagined {cfg.max_blocks - context} steps {wm['imagined_token_acc']:.3f} (copying the context's "
-             f"last frame {wm['imagined_copy_context_acc']:.3f})" if 'imagined_token_acc' in wm else ''))
-    pics = [save_grid(os.path.join(out_dir, 'tokenizer.png'), tok_rows,
-                      'held-out frames and their reconstructions: ' + ', '.join(
-                          f"{g} L1 {v['l1']:.3f}, perplexity {v['perplexity']:.0f}" for g, v in out['tokenizer'].items())),
-            save_grid(os.path.join(out_dir, 'world_model.png'), wm_rows,
-                      f'last context frame, then the real next frames and the imagined ones (real actions, '
-                      f'{context}-block context)')]
-    if log:
-        pics.append(save_curves(os.path.join(out_dir, 'curves.png'), log))
+            f"held-out frames, {tk['codes_used']} of {cfg.obs_vocab} codes used, perplexity {tk['perplexity']:.1f}, "
+            f"{tk['tokens_changed_per_step']:.1f} of 36 tokens change per step")
+        if wm:
+            say(f"world model {g}: next-frame tokens {wm['next_frame_token_acc']:.3f} (copying the last frame "
+                f"{wm['copy_last_frame_acc']:.3f}), reward sign {wm['reward_sign_acc']:.3f} (always 0: "
+                f"{wm['reward_always_zero_acc']:.3f}; on non-zero rewards {wm['reward_sign_acc_nonzero']:.3f})" +
+                (f", {cfg.max_blocks - context} imagined steps {wm['imagined_token_acc']:.3f} (copying the context's "
+                 f"last frame {wm['imagined_copy_context_acc']:.3f})" if 'imagined_token_acc' in wm else ''))
+    title = ', '.join(f"{g} L1 {v['l1']:.3f}, perplexity {v['perplexity']:.0f}" for g, v in out['tokenizer'].items())
+    pics = [save_grid(os.path.join(out_dir, 'tokenizer.png'), tok_rows, f'held-out frames, reconstructed: {title}'),
+            wm_rows and save_grid(os.path.join(out_dir, 'world_model.png'), wm_rows, f'last context frame, then the '
+                                  f'real next frames and the imagined ones ({context}-block context, real actions)'),
+            log and save_curves(os.path.join(out_dir, 'curves.png'), log)]
     rows = {}
-    for policy in policies if episodes else ():
+    for policy in [p for p in policies if p != 'plan' or cfg.objective != 'bc'] if episodes else ():  # MTBC: no plan
         t0 = time.time()
         rows[policy] = evaluate(model, tokenizer, cfg, games, episodes, plan=policy == 'plan', max_steps=max_steps,
                                 max_seconds=max_seconds, policy='random' if policy == 'random' else 'model')
@@ -503,7 +515,10 @@ def main(argv):
     """The command line (module docstring); bad input exits with one 'error: ...' line before any environment starts."""
     extra = dict(ckpt='', games='Assault,Pong', episodes=16, no_plan=False, batch=0, vector=True, max_seconds=0.0,
                  out='', video='', report='', heldout='')
-    cli, args = parse_args(argv, extra)
+    cli, args = parse_args(argv, extra, dict(episodes='>0', batch='>=0', max_seconds='>=0', out='file', video='file',
+                                             report='dir'))
+    if args['video'] and not args['video'].endswith(('.npy', '.mp4', '.avi')):
+        raise SystemExit(f"error: --video={args['video']}: the file must end in .npy, .mp4 or .avi")
     given = {a[2:].partition('=')[0].replace('-', '_') for a in argv}
     overrides = {k: getattr(cli, k) for k in ('horizon', 'beam', 'context', 'epsilon', 'max_steps', 'dtype', 'device',
                                              'compile') if k in given}  # onto the checkpoint's own config
@@ -521,10 +536,12 @@ def main(argv):
     if args['report']:  # evidence per stage instead of one score table (module docstring)
         if not args['heldout']:
             raise SystemExit("error: --report needs --heldout=<processed data folder> of the games (data.py process)")
-        report(model.eval(), tokenizer.eval(), cfg, games, args['report'], args['heldout'], None, args['episodes'],
+        log = os.path.join(os.path.dirname(args['ckpt']), 'log.jsonl')  # train.py's, for the curves
+        log = [json.loads(line) for line in open(log)] if os.path.isfile(log) else None
+        report(model.eval(), tokenizer.eval(), cfg, games, args['report'], args['heldout'], log, args['episodes'],
                cfg.max_steps, args['max_seconds'] or None)
         return
-    plan = not args['no_plan']
+    plan = not args['no_plan'] and cfg.objective != 'bc'  # MTBC is a policy: no world model to plan with
     settings = {g: dict(zip(('beam', 'horizon', 'context'), game_settings(cfg, g, plan))) for g in games}
     print(f"{cfg.preset} model on {device}, {args['episodes']} episodes per game; " +
           ', '.join(f"{g} H={s['horizon']} K={s['beam']} context={s['context']}" for g, s in settings.items()))

@@ -32,7 +32,7 @@ import torch
 import data
 from evaluate import evaluate
 from model import (ARCH_FIELDS, JOWAConfig, REF_SCORES, action_mask, configure_optimizer, load_checkpoint,
-                   normalized_score, parse_args, save_checkpoint, task_id)
+                   normalized_score, parse_args, read_checkpoint, remove_temp_files, save_checkpoint, task_id)
 from plan import Planner, make_context
 from tokenizer import load_lpips_weights
 
@@ -141,13 +141,19 @@ class Replay:
 def finetune(argv):
     # -------------------------------------------------------------------------
     # config: the checkpoint's, then the fine-tuning defaults (new runs), then the command line
-    cli, args = parse_args(argv, dict(DEFAULTS))
+    cli, args = parse_args(argv, dict(DEFAULTS), dict(
+        out_dir='dir', steps='>0', transitions='>=0', imagine_after='>=0', imagine_batch='>0', imagine_horizon='>0',
+        imagine_beam='>0', replay_factor='>0', tok_frames='>0', eval_interval='>=0', eval_episodes='>=0',
+        eval_seconds='>0', log_interval='>0'))
+    if args['data']:
+        data.check_apart(('out_dir', args['out_dir']), [('data', args['data'])])
+    remove_temp_files(args['out_dir'])
     given = {a[2:].partition('=')[0].replace('-', '_') for a in argv}
     ckpt_path, state = os.path.join(args['out_dir'], 'ckpt.pt'), None
     if args['resume']:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"nothing to resume: {ckpt_path} does not exist")
-        state = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        state = read_checkpoint(ckpt_path, 'finetune')
         for k in ('game', 'train_tokenizer'):  # the data and the replay's observations depend on them
             if k in given and args[k] != state['args'][k]:
                 raise ValueError(f"--{k} cannot change when resuming (the run used {state['args'][k]!r})")
@@ -279,7 +285,7 @@ def finetune(argv):
                       f"{time.time() - t_eval:.0f}s (best {best['score']:.1f} at step {best['step']})", flush=True)
             rng = dict(cpu=torch.get_rng_state(),
                        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-            save_checkpoint(snapshot(args=args, best=best, optimizer=opt.state_dict(), rng=rng,
+            save_checkpoint(snapshot(script='finetune', args=args, best=best, optimizer=opt.state_dict(), rng=rng,
                                      tok_optimizer=tok_opt and tok_opt.state_dict(), sampler=sampler.state_dict(),
                                      isampler=isampler.state_dict(), replay=replay.state_dict()), ckpt_path)
             t0 = time.time()

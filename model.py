@@ -45,6 +45,8 @@ class JOWAConfig:
     v_max: float = 30.0
     gamma: float = 0.99
     cql_weight: float = 0.1    # alpha of the CQL penalty (0 = no CQL ablation)
+    q_penalty: str = 'cql'     # 'cql', 'combo' (data-action term on real rows only) or 'none' (B§4.4)
+    objective: str = 'jowa'    # 'jowa', or 'bc': MTBC (paper App. E.1.2), no world heads, 18-way Q-head classifiers
     world_weight: float = 0.1  # lambda of Eq. 9 in stage 2 / fine-tuning (0 = no world-loss ablation)
     td_loss: str = 'c51'       # 'c51' or 'mse' (ablation: 0.5*MSE on the expected Q)
     detach_critic: bool = False  # ablation: TD/CQL gradients do not reach the backbone
@@ -56,6 +58,7 @@ class JOWAConfig:
     tok_batch: int = 2048      # frames per tokenizer step, summed over ranks
     lr_tokenizer: float = 1e-4   # Adam
     tok_restart: int = 0       # stage-1 steps between restarts of unused codebook codes (0 = none, as official)
+    tok_perceptual: float = 1.0  # weight of the LPIPS term (official 1; 0 skips LPIPS-VGG, most of a CPU step)
     lr_world1: float = 1e-4      # AdamW, stage 1
     lr_world2: float = 5e-5      # AdamW, stage 2 and fine-tuning
     lr_critic: float = 5e-5      # AdamW, Q head
@@ -85,7 +88,7 @@ class JOWAConfig:
 # fields fixed once a model is built: a checkpoint's values win over the command line for these
 ARCH_FIELDS = ('preset', 'n_layer', 'n_head', 'n_embd', 'q_hidden', 'num_q', 'dropout', 'q_dropout', 'obs_tokens',
                'max_blocks', 'obs_vocab', 'num_actions', 'num_tasks', 'tok_ch', 'tok_embed_dim', 'num_atoms',
-               'v_min', 'v_max')
+               'v_min', 'v_max', 'objective')
 
 # the official sizes (B§2.1); 'tiny' is for CPU tests and demos
 PRESETS = {
@@ -103,10 +106,11 @@ def make_config(preset='40M', **overrides):
     return JOWAConfig(**{**PRESETS[preset], 'preset': preset, **overrides})
 
 
-def parse_args(argv, extra=None):
+def parse_args(argv, extra=None, rules=None):
     """nanoGPT-style overrides: `--preset=70M --key=value ...` onto JOWAConfig, plus a script's own `extra`
     dict of settings (updated in place). Values are Python literals (or bare strings) and must match the
-    default's type; `--flag` alone means True; unknown keys are an error. Returns (cfg, extra)."""
+    default's type; `--flag` alone means True; unknown keys are an error. Then every config field and the extra
+    settings named in `rules` ({key: rule of check_value}) are checked. Returns (cfg, extra)."""
     extra = {} if extra is None else extra
     kv = {}
     for arg in argv:
@@ -118,7 +122,10 @@ def parse_args(argv, extra=None):
             raise SystemExit(f"error: unexpected argument {arg!r} (use --key=value)")
         key, _, val = arg[2:].partition('=')
         kv[key.replace('-', '_')] = val if _ else 'True'
-    cfg = make_config(kv.pop('preset', '40M'))
+    preset = kv.pop('preset', '40M')
+    if preset not in PRESETS:
+        raise SystemExit(f"error: --preset={preset}: choose one of {', '.join(PRESETS)}")
+    cfg = make_config(preset)
     types = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
     for key, val in kv.items():
         if key in types:
@@ -141,7 +148,78 @@ def parse_args(argv, extra=None):
             setattr(cfg, key, v)
         else:
             extra[key] = v
+    check_config(cfg)
+    for key, rule in (rules or {}).items():
+        check_value(key, extra[key], rule)
     return cfg, extra
+
+
+# -----------------------------------------------------------------------------
+# option checks, before any work: one line naming the option, its value and what is allowed
+
+RULES = {'>0': (lambda v: v > 0, 'must be > 0'), '>=0': (lambda v: v >= 0, 'must be >= 0'),
+         '[0,1)': (lambda v: 0 <= v < 1, 'must be in [0, 1)'), '[0,1]': (lambda v: 0 <= v <= 1, 'must be in [0, 1]'),
+         '(0,1]': (lambda v: 0 < v <= 1, 'must be in (0, 1]'),
+         'dir': (lambda v: writable(v, folder=True), 'must be a folder that can be created and written'),
+         'file': (lambda v: not v or writable(v, folder=False), 'must be a file path that can be written')}
+CONFIG_RULES = dict(
+    n_layer='>0', n_head='>0', n_embd='>0', q_hidden='>0', num_q='>0', obs_tokens=(36,), max_blocks='>0',
+    obs_vocab='>0', num_actions=(18,), num_tasks='>0', tok_ch='>0', tok_embed_dim='>0', num_atoms='>0',
+    dropout='[0,1)', q_dropout='[0,1)', gamma='(0,1]', cql_weight='>=0', world_weight='>=0', td_loss=('c51', 'mse'),
+    q_penalty=('cql', 'combo', 'none'), objective=('jowa', 'bc'),
+    batch_size='>0', micro_batch='>0', stage1_steps='>=0', stage2_steps='>=0', tok_batch='>0', tok_restart='>=0',
+    tok_perceptual='>=0', lr_tokenizer='>0', lr_world1='>0', lr_world2='>0', lr_critic='>0', weight_decay='>=0',
+    grad_clip='>0', target_update='>0', dtype=('auto', 'float32', 'bfloat16', 'float16'), horizon='>=0',
+    beam='>=0', context='>=0', epsilon='[0,1]', max_steps='>0')
+
+
+def writable(path, folder):
+    """Can `path` be created (or, existing, written) as a folder (folder=True) or a file, without touching it?"""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        return os.path.isdir(path) == folder and os.access(path if folder else os.path.dirname(path), os.W_OK)
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return os.path.isdir(parent) and os.access(parent, os.W_OK)
+
+
+def check_value(key, v, rule):
+    """rule: a name in RULES, or a tuple of the allowed values. Raises SystemExit with one line."""
+    if isinstance(rule, tuple):
+        if v not in rule:
+            raise SystemExit(f"error: --{key}={v}: choose one of {', '.join(map(str, rule))}")
+        return
+    ok, allowed = RULES[rule]
+    if isinstance(v, float) and not math.isfinite(v):
+        raise SystemExit(f"error: --{key}={v} must be a finite number")
+    if not ok(v):
+        raise SystemExit(f"error: --{key}={v} {allowed}")
+
+
+def check_config(cfg):
+    """Every JOWAConfig field in its range, the fields consistent with each other, and the device and dtype ones
+    this torch has."""
+    for key, rule in CONFIG_RULES.items():
+        check_value(key, getattr(cfg, key), rule)
+    if cfg.n_embd % cfg.n_head:
+        raise SystemExit(f"error: --n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
+    if cfg.v_min >= cfg.v_max:
+        raise SystemExit(f"error: --v_min={cfg.v_min} must be below --v_max={cfg.v_max}")
+    if cfg.horizon >= cfg.max_blocks:  # the root context needs a block (a longer context is cut to fit, B§7.2)
+        raise SystemExit(f"error: --horizon={cfg.horizon} must be below the model's {cfg.max_blocks} blocks")
+    if cfg.context > cfg.max_blocks:
+        raise SystemExit(f"error: --context={cfg.context} must be at most the model's {cfg.max_blocks} blocks")
+    dev = cfg.device
+    if dev not in ('auto', 'cpu') and not dev.startswith(('cuda', 'mps')):
+        raise SystemExit(f"error: --device={dev}: choose auto, cpu, cuda, cuda:<index> or mps")
+    if dev.startswith('cuda'):
+        n = torch.cuda.device_count()
+        index = dev.partition(':')[2]
+        if not n or (index and (not index.isdigit() or int(index) >= n)):
+            raise SystemExit(f"error: --device={dev}: this torch {torch.__version__} sees {n} CUDA device(s)")
+    if dev == 'mps' and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device=mps: not available in this torch {torch.__version__}")
 
 
 # -----------------------------------------------------------------------------
@@ -313,7 +391,8 @@ class QHead(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        M, E, D, O = cfg.num_q, cfg.n_embd, cfg.q_hidden, cfg.num_actions * cfg.num_atoms
+        atoms = 1 if cfg.objective == 'bc' else cfg.num_atoms  # MTBC: one logit per action
+        M, E, D, O = cfg.num_q, cfg.n_embd, cfg.q_hidden, cfg.num_actions * atoms
         self.p, self.A = cfg.q_dropout, cfg.num_actions
         for i, (fan_in, fan_out) in enumerate([(E, D), (D, D), (D, O)]):
             bound = 1 / math.sqrt(fan_in)  # = kaiming_uniform(a=sqrt(5)) of nn.Linear
@@ -352,7 +431,8 @@ class JOWA(nn.Module):
         self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(E)
-        self.head_obs, self.head_rew, self.head_end = head(E, cfg.obs_vocab), head(E, 3), head(E, 2)
+        if cfg.objective != 'bc':  # MTBC removes the observation, reward and termination predictors
+            self.head_obs, self.head_rew, self.head_end = head(E, cfg.obs_vocab), head(E, 3), head(E, 2)
         self.apply(self._init_weights)  # B§2.5; QHead holds raw tensors and keeps its default init
         self.head_q, self.head_q_target = QHead(cfg), QHead(cfg)
         self.head_q_target.load_state_dict(self.head_q.state_dict())
@@ -415,12 +495,23 @@ class JOWA(nn.Module):
         return self.head_q(h).float().softmax(-1).mean(0)
 
     def q_values(self, h, tasks=None, target=False):
-        """Expected Q (..., A); with tasks (B,) (h of shape (B, ..., E)) invalid actions are -inf."""
+        """Expected Q (..., A); with tasks (B,) (h of shape (B, ..., E)) invalid actions are -inf. MTBC: the log of
+        the ensemble-mean action probabilities over the valid actions (so argmax is its policy)."""
+        if self.cfg.objective == 'bc':
+            return self.bc_log_probs(h, tasks).exp().mean(0).log()
         q = (self.q_probs(h, target) * self.support).sum(-1)
         if tasks is not None:
             valid = self.valid[tasks].view(tasks.shape[0], *[1] * (q.dim() - 2), q.shape[-1])
             q = q.masked_fill(~valid, float('-inf'))
         return q
+
+    def bc_log_probs(self, h, tasks=None):
+        """MTBC: every ensemble member's action log-probabilities (M, ..., A), over the valid actions with tasks."""
+        logits = self.head_q(h).squeeze(-1).float()  # (M, ..., A)
+        if tasks is not None:
+            valid = self.valid[tasks].view(1, tasks.shape[0], *[1] * (logits.dim() - 3), logits.shape[-1])
+            logits = logits.masked_fill(~valid, float('-inf'))
+        return logits.log_softmax(-1)
 
     @torch.no_grad()
     def update_target(self):
@@ -443,6 +534,13 @@ class JOWA(nn.Module):
         B, T, K = obs.shape
         tokens = torch.cat([obs, act[..., None]], -1).view(B, T * (K + 1))
         h = self(tokens, tasks).view(B, T, K + 1, -1)  # (B, T, 37, E)
+        if cfg.objective == 'bc':  # MTBC: the data action's cross-entropy over the game's valid actions, every stage
+            logp = self.bc_log_probs(h[:, :, K - 1], tasks)  # (M, B, T, A), read where Q is (B§3.1)
+            nll = -logp.gather(-1, act[None, ..., None].expand(logp.shape[0], -1, -1, 1)).squeeze(-1)  # (M, B, T)
+            m = mask.float()
+            bc = (nll * m).sum() / (m.sum() * nll.shape[0])
+            acc = ((logp.exp().mean(0).argmax(-1) == act).float() * m).sum() / m.sum()
+            return bc, dict(bc=bc.detach(), bc_acc=acc.detach())
 
         # world model: next obs token, reward sign class, termination (B§4.2)
         real = mask & batch['real'][:, None] if 'real' in batch else mask
@@ -482,11 +580,13 @@ class JOWA(nn.Module):
             td = (0.5 * (q_data[:, :-1] - rew[:, :-1] - cfg.gamma * v_next[:, 1:]) ** 2 * pair).sum() \
                 + (0.5 * (q_data - rew) ** 2 * term).sum()
         td = td / n_td
-        # CQL (B§4.4): logsumexp over ALL actions minus Q of the data action, mean over real steps
+        # CQL (B§4.4): logsumexp over ALL actions minus Q of the data action, each a mean over valid steps; COMBO
+        # takes the data-action term on real rows only (imagined actions are the planner's, not the data's)
         m = mask.float()
         lse = (torch.logsumexp(q, -1) * m).sum() / m.sum()
-        q_pos = (q_data * m).sum() / m.sum()
-        cql = cfg.cql_weight * (lse - q_pos)
+        m_pos = (mask & batch['real'][:, None]).float() if cfg.q_penalty == 'combo' and 'real' in batch else m
+        q_pos = (q_data * m_pos).sum() / m_pos.sum().clamp(min=1)
+        cql = cfg.cql_weight * (lse - q_pos) if cfg.q_penalty != 'none' else torch.zeros_like(lse)
         loss = cfg.world_weight * world + td + cql
         terms.update(td=td, cql=cql, lse=lse, q_data=q_pos)
         return loss, {k: v.detach() for k, v in terms.items()}
@@ -633,13 +733,20 @@ def load_checkpoint(path, cfg=None, **overrides):
             raise FileNotFoundError(f"no JOWA_<size>.pt in directory {path}")
         paths = [os.path.join(path, 'tokenizer.pt'), os.path.join(path, files[-1])]
     if len(paths) == 2:
-        jowa_sd = convert_official_jowa(_torch_load(paths[1]))
+        tok_sd, jowa_sd = _torch_load(paths[0]), _torch_load(paths[1])
+        is_jowa = lambda sd: isinstance(sd, dict) and any('pos_emb' in k or 'head_q' in k for k in sd)
+        if is_jowa(tok_sd) and not is_jowa(jowa_sd):
+            raise ValueError(f"{path}: the pair is swapped; give the tokenizer first: tokenizer.pt,JOWA_<size>.pt")
+        if not is_jowa(jowa_sd):
+            raise ValueError(f"{paths[1]} is not a JOWA state dict (no position embedding or Q head)")
+        jowa_sd = convert_official_jowa(jowa_sd)
         cfg = JOWAConfig(**{**asdict(cfg), **overrides}) if cfg else config_from_official(jowa_sd, **overrides)
-        cfg, model, tokenizer = load_official(_torch_load(paths[0]), jowa_sd, cfg)
+        try:
+            cfg, model, tokenizer = load_official(tok_sd, jowa_sd, cfg)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     else:
-        ckpt = _torch_load(path)
-        if not isinstance(ckpt, dict) or not {'config', 'model', 'tokenizer'} <= set(ckpt):
-            raise ValueError(f"{path} is not a JOWA checkpoint (expected keys config, model, tokenizer)")
+        ckpt = read_checkpoint(path)
         known = {f.name for f in fields(JOWAConfig)}
         cfg = JOWAConfig(**{**{k: v for k, v in ckpt['config'].items() if k in known}, **overrides})
         model, tokenizer = JOWA(cfg), Tokenizer(cfg)
@@ -648,12 +755,43 @@ def load_checkpoint(path, cfg=None, **overrides):
     return cfg, model.eval(), tokenizer.eval()
 
 
+def read_checkpoint(path, script=None):
+    """Our checkpoint as a dict, checked: a whole torch file, a JOWA checkpoint and, with script ('train' or
+    'finetune'), one that this script wrote (and can resume). Every read of our checkpoints goes through here."""
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict) or not {'config', 'model', 'tokenizer'} <= set(ckpt):
+        raise ValueError(f"{path} is not a JOWA checkpoint (expected keys config, model, tokenizer)")
+    made = ckpt.get('script') or ('finetune' if 'replay' in ckpt else 'train' if 'samplers' in ckpt else None)
+    if script and made != script:
+        raise ValueError(f"{path} was not written by {script}.py" + (f" but by {made}.py" if made else
+                         " (it holds weights only)") + f", so {script}.py cannot resume it")
+    return ckpt
+
+
 def save_checkpoint(obj, path):
     """Atomic torch.save: write a temp file in the same directory, then rename over the target."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def remove_temp_files(folder):
+    """Delete what a killed save_checkpoint left in folder (its temp files); run at the start of a run."""
+    import re
+    for f in os.listdir(folder) if os.path.isdir(folder) else []:
+        if re.fullmatch(r'.+\.pt\.tmp\d+', f):
+            os.remove(os.path.join(folder, f))
+            print(f"removed {os.path.join(folder, f)}, left by an interrupted checkpoint write")
+
+
+def check_same_sizes(cfg, other, what):
+    """One line when the checkpoint `what` holds a model of other sizes than cfg (another preset)."""
+    diff = [k for k in ARCH_FIELDS if k != 'preset' and getattr(cfg, k) != getattr(other, k)]
+    if diff:
+        sizes = lambda c: ', '.join(f'{k}={getattr(c, k)}' for k in diff[:4])
+        raise ValueError(f"{what} holds a {other.preset} model ({sizes(other)}), this run builds {cfg.preset} "
+                         f"({sizes(cfg)}): give --preset={other.preset} or matching sizes")
 
 
 def average_over_ranks(tensors, extra, world_size):

@@ -46,7 +46,7 @@ class PackedLinears:
 
     def __init__(self, model):
         self.mods = [m for b in model.blocks for m in (b.attn.c_attn, b.attn.proj, b.mlp[0], b.mlp[2])]
-        self.mods += [model.head_obs[0], model.head_obs[2]]
+        self.mods += [model.head_obs[0], model.head_obs[2]] if hasattr(model, 'head_obs') else []  # not in MTBC
         self.key, self.w = None, {}
 
     @staticmethod

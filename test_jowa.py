@@ -43,19 +43,22 @@ from tokenizer import Tokenizer, convert_official_tokenizer, load_lpips_weights,
 # model
 # ==============================================================================================================
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'fixtures', 'official_tiny.pt')
+# the official code's outputs for the tiny JOWA with a tokenizer of the tiny preset's sizes (shipped in the repository)
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'official_small.pt')
+
+
+def load_fixture(path):
+    with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):  # its meta names the torch version
+        return torch.load(path, weights_only=True)
 
 
 @pytest.fixture(scope='module')
 def fx():
-    if not os.path.exists(FIXTURE):
-        pytest.skip(f'fixture not found: {FIXTURE}')
-    return torch.load(FIXTURE, weights_only=True)
+    return load_fixture(FIXTURE)
 
 
 def official_model(fx):
-    cfg = make_config('tiny', obs_vocab=2048, tok_ch=64, tok_embed_dim=512)  # the fixture's sizes
-    model = JOWA(cfg)
+    model = JOWA(make_config('tiny'))  # the fixture's sizes
     load_state(model, convert_official_jowa(fx['jowa_state_dict']), 'fixture')
     return model.eval()
 
@@ -98,6 +101,59 @@ def test_cql_equals_log_num_actions_when_q_is_flat():
     assert terms['td'].item() > 0
 
 
+def test_combo_differs_from_cql_only_in_the_data_action_rows():
+    """B§4.4: COMBO's positive (data-action) term averages real rows only; the logsumexp term is unchanged."""
+    torch.manual_seed(0)
+    cfg = make_config('tiny')
+    model = JOWA(cfg).eval()
+    batch = dict(random_batch(cfg, B=3), real=torch.tensor([True, False, True]))
+    with torch.no_grad():  # each valid step's expected Q of its data action, computed apart from the loss
+        tokens = torch.cat([batch['observations'], batch['actions'][..., None]], -1).flatten(1)
+        h = model(tokens, batch['envs']).view(3, 8, 37, -1)[:, :, 35]
+        q = model.q_values(h).gather(2, batch['actions'][..., None]).squeeze(2)
+    mask = batch['mask_padding']
+    terms = {}
+    for penalty in ('none', 'cql', 'combo'):  # ends on combo
+        cfg.q_penalty = penalty
+        terms[penalty] = model.compute_loss(batch)[1]
+    cql, combo = terms['cql'], terms['combo']
+    assert torch.allclose(cql['q_data'], q[mask].mean())
+    assert torch.allclose(combo['q_data'], q[mask & batch['real'][:, None]].mean())
+    assert combo['q_data'] != cql['q_data'] and torch.equal(combo['lse'], cql['lse'])
+    assert torch.allclose(combo['cql'] - cql['cql'], cfg.cql_weight * (cql['q_data'] - combo['q_data']), atol=1e-6)
+    assert terms['none']['cql'] == 0 and torch.equal(terms['none']['td'], cql['td'])
+    del batch['real']  # without imagined rows COMBO is CQL (why the official 150M config's combo was a no-op)
+    assert torch.equal(model.compute_loss(batch)[1]['cql'], cql['cql'])
+
+
+def test_mtbc_loss_known_answer():
+    """MTBC (App. E.1.2): no world heads; each Q-head member is an 18-way classifier, trained by the data action's
+    cross-entropy over the game's valid actions. With constant logits b (zero last layer) the loss is known."""
+    cfg = make_config('tiny', objective='bc')
+    model = JOWA(cfg).eval()
+    assert not hasattr(model, 'head_obs') and model.head_q.w2.shape == (cfg.num_q, 18, cfg.q_hidden)
+    b = torch.randn(cfg.num_q, 18, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.head_q.w2.zero_()
+        model.head_q.b2.copy_(b)
+    batch = random_batch(cfg, B=3)
+    loss, terms = model.compute_loss(batch, stage=1)
+    mask, tasks, act = batch['mask_padding'], batch['envs'], batch['actions']
+    nll = []
+    for i in range(3):
+        valid = action_mask(M.GAMES[tasks[i]])
+        for t in range(8):
+            if mask[i, t]:
+                for m in range(cfg.num_q):  # log-softmax over the valid actions only
+                    z = b[m][valid]
+                    nll.append(float(torch.logsumexp(z, 0) - b[m, act[i, t]]))
+    assert loss.item() == pytest.approx(np.mean(nll), rel=1e-5) and set(terms) == {'bc', 'bc_acc'}
+    with torch.no_grad():  # the policy: argmax of the ensemble-mean probabilities over the valid actions
+        q = model.q_values(torch.zeros(3, cfg.n_embd), tasks)
+    expect = torch.stack([b.masked_fill(~action_mask(M.GAMES[t]), float('-inf')).softmax(-1).mean(0) for t in tasks])
+    assert torch.allclose(q.exp(), expect, atol=1e-6) and torch.isinf(q[~model.valid[tasks]]).all()
+
+
 # --- equivalence with the official code (fixtures) -------------------------------------------------------------
 
 def test_fixture_forward_heads_and_losses(fx):
@@ -121,8 +177,9 @@ def test_fixture_forward_heads_and_losses(fx):
             assert abs(w * terms[ours].item() - ref['intermediate'][theirs]) < 1e-5
     assert abs(terms['td'].item() - ref['intermediate']['loss_td_error']) < 1e-5
     assert abs(terms['cql'].item() - ref['intermediate']['loss_cql_penalty']) < 1e-5
-    assert abs(terms['lse'].item() - ref['info_logs']['info/JOWA_tiny/q_value_of_negative_samples']) < 1e-4
-    assert abs(terms['q_data'].item() - ref['info_logs']['info/JOWA_tiny/q_value_of_positive_samples']) < 1e-4
+    info = {k.rpartition('/')[2]: v for k, v in ref['info_logs'].items()}  # info/JOWA_<name>/...
+    assert abs(terms['lse'].item() - info['q_value_of_negative_samples']) < 1e-4
+    assert abs(terms['q_data'].item() - info['q_value_of_positive_samples']) < 1e-4
 
 
 def test_fixture_gradients_and_optimizer_step(fx):
@@ -157,7 +214,7 @@ def test_fixture_gradients_and_optimizer_step(fx):
 def test_official_loader_accepts_prefixes_and_missing_mask(fx):
     sd = {('_orig_mod.module.' + k): v for k, v in fx['jowa_state_dict'].items() if not k.endswith('attn.mask')}
     conv = convert_official_jowa(sd)
-    model = JOWA(make_config('tiny', obs_vocab=2048))
+    model = JOWA(make_config('tiny'))
     load_state(model, conv, 'prefixed')
     bad = dict(conv)
     bad['pos_emb.weight'] = bad['pos_emb.weight'][:, :32]
@@ -329,14 +386,16 @@ def test_bad_input_errors(tmp_path):
 # tokenizer
 # ==============================================================================================================
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'fixtures')
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'fixtures')
 
 
 def fixture_file(name):
-    path = os.path.join(FIXTURES, name)
-    if not os.path.exists(path):
-        pytest.skip(f'fixture not found: {path}')
-    return path
+    """A fixture shipped in ./fixtures, else one in ../shared/fixtures (official_tiny.pt: the full-size official
+    tokenizer, an optional extra)."""
+    for folder in (os.path.dirname(FIXTURE), SHARED):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    pytest.skip(f'fixture not found: {name} (in ./fixtures or {SHARED})')
 
 
 def official_cfg():
@@ -349,10 +408,12 @@ def blocky_frames(n, seed=0):
     return torch.rand(n, 1, 12, 12, generator=g).repeat_interleave(7, -1).repeat_interleave(7, -2)
 
 
-def test_fixture_equivalence():  # B§1.3-1.6 against the official code's outputs (fp32, eval mode)
-    fx = torch.load(fixture_file('official_tiny.pt'), weights_only=True)
+@pytest.mark.parametrize('name', ['official_small.pt', 'official_tiny.pt'])
+def test_fixture_equivalence(name):  # B§1.3-1.6 against the official code's outputs (fp32, eval mode)
+    fx = load_fixture(fixture_file(name))
     sd = fx['tokenizer_state_dict']
-    tok = tokenizer_from_official(sd, official_cfg()).eval()  # checked strictly, except the absent lpips.* keys
+    cfg = make_config('tiny') if name == 'official_small.pt' else official_cfg()  # tiny-preset or official sizes
+    tok = tokenizer_from_official(sd, cfg).eval()  # checked strictly, except the absent lpips.* keys
     assert tok.lpips.source is None  # so LPIPS counts as not loaded
     x, ref = fx['inputs']['frames'], fx['tokenizer_out']
     with torch.no_grad():
@@ -868,7 +929,7 @@ def test_reader_rejects_damaged_dataset(processed, tmp_path):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, 'data.py', 'process', f'--src={tmp_path}', f'--out={tmp_path}', '--games=Pong'],
+    r = subprocess.run([sys.executable, 'data.py', 'process', f'--src={tmp_path}', f'--out={tmp_path}_out', '--games=Pong'],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert r.returncode == 1 and r.stderr.count('\n') == 1
     assert r.stderr.startswith('error: missing file ') and 'Pong/1/replay_logs' in r.stderr
@@ -1361,7 +1422,12 @@ def test_evaluate_plays_episodes(tiny_eval, tmp_path, monkeypatch):
     out, cut = evaluate(model, tok, cfg, ['Pong', 'MsPacman'], 2, plan=True, video=video)
     assert set(out) == {'Pong', 'MsPacman'} and all(len(r) == 2 for r in out.values())
     assert cut == {'Pong': [True, True], 'MsPacman': [True, True]}  # max_steps=4 stops them all
-    assert np.load(video).shape == (4, 84, 84)  # one frame per agent step of rollout 0
+    shown = np.load(video)
+    assert shown.shape == (4, 84, 168)  # one frame per agent step of rollout 0, the imagined one beside it
+    assert (shown[0, :, 84:] == 0).all()  # no plan has imagined the first frame
+    with torch.no_grad():  # then the frame the previous plan imagined for this step
+        imagined = (tok.decode(calls[0][1]['obs'][:1, 0])[0, 0] * 255).round().byte().numpy()
+    assert np.array_equal(shown[1, :, 84:], imagined)
     # each plan's first guess is the frame the environment's previous plan imagined after its action
     assert len(calls) == 4 and (calls[0][0] == -1).all()
     assert all(torch.equal(g, prev['obs'][:, 0]) for (g, _), (_, prev) in zip(calls[1:], calls))
@@ -1583,8 +1649,8 @@ def assert_equal_tree(a, b, path='ckpt'):
 TRAINING_STATE = ('step', 'stage', 'model', 'tokenizer', 'optimizer', 'tok_optimizer', 'samplers', 'rng')
 
 
-def test_batch_must_divide(tmp_path):
-    p = run_train('--batch_size=6', '--micro_batch=4', f'--out_dir={tmp_path}', check=False)
+def test_batch_must_divide(train_data, tmp_path):
+    p = run_train('--batch_size=6', '--micro_batch=4', f'--data_dir={train_data}', f'--out_dir={tmp_path}', check=False)
     assert p.returncode != 0 and 'batch_size=6 must be a multiple of micro_batch=4' in p.stdout + p.stderr
     p = run_train('--resume', f'--out_dir={tmp_path}', check=False)
     assert p.returncode != 0 and 'no checkpoint' in p.stdout + p.stderr
@@ -1595,7 +1661,7 @@ def test_nonfinite_loss_keeps_last_good_checkpoint(train_data, tmp_path):
     run_train(*flags, '--stop_at=2')
     ckpt = os.path.join(tmp_path, 'ckpt.pt')
     digest = hashlib.sha256(open(ckpt, 'rb').read()).hexdigest()
-    p = run_train(*flags, '--resume', '--lr_world2=1e999', check=False)  # an infinite lr: weights blow up at step 3
+    p = run_train(*flags, '--resume', '--lr_world2=1e30', check=False)  # a huge lr: weights blow up at step 3
     out = p.stdout + p.stderr
     assert p.returncode != 0 and 'non-finite loss or parameters detected at step 3' in out, out[-3000:]
     assert 'last good checkpoint' in out and '(step 2) is kept' in out
@@ -1614,6 +1680,33 @@ def test_resume_is_exact(train_data, tmp_path):
     a, b = load_ckpt(f'{tmp_path}/full'), load_ckpt(f'{tmp_path}/cut')
     assert a['step'] == b['step'] == 4
     for k in TRAINING_STATE:  # weights, both optimizers, data streams, RNG states
+        assert_equal_tree(a[k], b[k], k)
+
+
+@pytest.mark.slow
+def test_kill_9_at_any_moment_then_resume_is_exact(train_data, tmp_path):
+    """kill -9 train.py at a random moment (a checkpoint is written every step, so often mid-write), then resume:
+    the temp file left is removed, and the end state equals an uninterrupted run's."""
+    import signal
+    import time
+    flags = [*TINY, f'--data_dir={train_data}', '--stage1_steps=0', '--stage2_steps=40']
+    run_train(*flags, f'--out_dir={tmp_path}/full')
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    rng = np.random.default_rng(0)
+    for attempt in range(3):  # kill, resume, kill again ...
+        p = subprocess.Popen([sys.executable, 'train.py', *flags, f'--out_dir={tmp_path}/cut'] +
+                             (['--resume'] if os.path.exists(f'{tmp_path}/cut/ckpt.pt') else []), cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not os.path.exists(f'{tmp_path}/cut/ckpt.pt') and p.poll() is None:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 1.5))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    out = run_train(f'--out_dir={tmp_path}/cut', '--resume').stdout if os.path.exists(f'{tmp_path}/cut/ckpt.pt') \
+        else run_train(*flags, f'--out_dir={tmp_path}/cut').stdout
+    assert not [f for f in os.listdir(f'{tmp_path}/cut') if '.tmp' in f], out
+    a, b = load_ckpt(f'{tmp_path}/full'), load_ckpt(f'{tmp_path}/cut')
+    for k in TRAINING_STATE:
         assert_equal_tree(a[k], b[k], k)
 
 
@@ -1680,6 +1773,42 @@ def test_demo_smoke(tmp_path):
     assert [r['step'] for r in log] == [1, 2, 3, 4] and 'tok_recons' in log[0] and 'td' in log[-1]
     p = run_train('--demo=longer', check=False)
     assert p.returncode != 0 and 'choose --demo (short) or --demo=long' in p.stdout + p.stderr
+
+
+@pytest.mark.slow
+def test_short_demo_as_a_user_runs_it(tmp_path):
+    """`python train.py --demo` (~10 min), in fresh folders: it ends with every stage's evidence."""
+    p = subprocess.run([sys.executable, 'train.py', '--demo', f'--data_dir={tmp_path}/processed',
+                        f'--heldout_dir={tmp_path}/heldout', f'--out_dir={tmp_path}/out'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=2400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rep = json.load(open(f'{tmp_path}/out/report.json'))
+    games = ['Carnival', 'Assault', 'SpaceInvaders']
+    assert all(len(rep['agent'][pol][g]['returns']) == 4 for pol in ('random', 'greedy', 'plan') for g in games)
+    assert all(rep['tokenizer'][g]['perplexity'] > 20 for g in games), rep['tokenizer']  # no collapsed codebook
+    if importlib.util.find_spec('matplotlib'):
+        assert all(os.path.getsize(f'{tmp_path}/out/{f}') > 10_000 for f in ('tokenizer.png', 'world_model.png',
+                                                                                  'curves.png'))
+
+
+@pytest.mark.slow
+def test_mtbc_end_to_end_reproduces_a_scripted_policy(tmp_path):
+    """collect (always RIGHT) -> process -> train.py --objective=bc -> report with evaluate's protocol: on held-out
+    frames of another seed the BC policy takes the scripted action."""
+    for name, seed in (('train', 0), ('heldout', 1)):
+        data.collect('Pong', str(tmp_path / f'{name}_raw'), 1000, ckpt_size=1000, policy='action:3', seed=seed)
+        data.process_game(str(tmp_path / f'{name}_raw'), str(tmp_path / name), 'Pong', [1], [0], fraction=1.0)
+    run_train('--preset=tiny', '--objective=bc', '--games=Pong', '--eval_games=Pong', f'--data_dir={tmp_path}/train',
+              f'--heldout_dir={tmp_path}/heldout', f'--out_dir={tmp_path}/out', '--stage1_steps=10',
+              '--stage2_steps=60', '--batch_size=8', '--micro_batch=8', '--tok_batch=8', '--tok_perceptual=0',
+              '--lr_critic=1e-3', '--eval_episodes=2', '--eval_max_steps=50', '--log_interval=10')
+    rep = json.load(open(tmp_path / 'out' / 'report.json'))
+    assert set(rep['agent']) == {'random', 'greedy'} and rep['world_model']['Pong'] == {}  # no planning, no world
+    cfg, model, tok = M.load_checkpoint(str(tmp_path / 'out' / 'ckpt.pt'))
+    batch = data.Sampler(data.load_dataset(str(tmp_path / 'heldout'), ['Pong']), 8, seed=1).sample(32)
+    with torch.no_grad():
+        _, terms = model.compute_loss(batch, tok)
+    assert terms['bc_acc'] > 0.95, terms
 
 
 # ==============================================================================================================
@@ -1976,3 +2105,183 @@ def test_cli_with_the_real_tokenizer(pong_replay, tmp_path):
     assert r.returncode == 0, r.stderr
     assert 'step 2 |' in r.stdout and 'tokenizer' in r.stdout
     assert M.load_checkpoint(str(tmp_path / 'out' / 'ckpt.pt'))[0].world_weight == 0.5
+
+
+# ==============================================================================================================
+# bad input: one line naming the problem, before any work, and nothing lost
+# ==============================================================================================================
+
+def tree(root):
+    """{relative path: sha1} of every file below root: proves a refused command touched nothing."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(d, f)
+            out[os.path.relpath(path, root)] = hashlib.sha1(open(path, 'rb').read()).digest()
+    return out
+
+
+@pytest.fixture(scope='module')
+def bad_inputs(tmp_path_factory, train_data):
+    """Files for the cases below: a replay collection, a truncated / foreign / non-checkpoint file, a tiny train.py
+    checkpoint, a finetune.py one, an official-format pair, a plain file where a folder is expected."""
+    root = tmp_path_factory.mktemp('bad')
+    torch.manual_seed(0)
+    cfg = make_config('tiny')
+    model, tok = JOWA(cfg), Tokenizer(cfg)
+    weights = dict(config=asdict(cfg), model=model.state_dict(), tokenizer=tok.state_dict())
+    save_checkpoint(dict(script='train', **weights, args={}, step=1), str(root / 'train' / 'ckpt.pt'))
+    save_checkpoint(dict(script='finetune', **weights, args={}, step=1, replay={}), str(root / 'ft' / 'ckpt.pt'))
+    data_ = open(root / 'train' / 'ckpt.pt', 'rb').read()
+    (root / 'trunc').mkdir()
+    (root / 'trunc' / 'ckpt.pt').write_bytes(data_[:len(data_) // 2])
+    torch.save([1, 2, 3], root / 'list.pt')
+    torch.save(tok.state_dict(), root / 'tokenizer.pt')
+    torch.save(model.state_dict(), root / 'JOWA_tiny.pt')
+    (root / 'file').write_text('a file')
+    replay = root / 'replay'
+    data.collect('Pong', str(replay), 30, run=1, ckpt_size=30)
+    return dict(root=str(root), data=train_data, replay=str(replay))
+
+
+def in_process(script, argv, monkeypatch):
+    """Run a script's command line in this process (fast: no new torch import); the SystemExit it ends with."""
+    monkeypatch.setattr(sys, 'argv', [script, *argv])
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as e:
+        if script == 'evaluate.py':
+            evaluate.main(argv)
+        else:
+            runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
+    return e.value.code
+
+
+# (script, argv with {root} {data} {replay} filled in, what the one line must say)
+BAD = [
+    ('train.py', ['--stage1_steps=-5'], '--stage1_steps=-5 must be >= 0'),
+    ('train.py', ['--stage2_steps=-1'], '--stage2_steps=-1 must be >= 0'),
+    ('train.py', ['--out_dir={root}/file'], '--out_dir={root}/file must be a folder'),
+    ('train.py', ['--micro_batch=0'], '--micro_batch=0 must be > 0'),
+    ('train.py', ['--batch_size=0'], '--batch_size=0 must be > 0'),
+    ('train.py', ['--tok_batch=0'], '--tok_batch=0 must be > 0'),
+    ('train.py', ['--log_interval=0'], '--log_interval=0 must be > 0'),
+    ('train.py', ['--ckpt_interval=-1'], '--ckpt_interval=-1 must be >= 0'),
+    ('train.py', ['--target_update=0'], '--target_update=0 must be > 0'),
+    ('train.py', ['--eval_episodes=-1'], '--eval_episodes=-1 must be >= 0'),
+    ('train.py', ['--eval_max_seconds=0'], '--eval_max_seconds=0.0 must be > 0'),
+    ('train.py', ['--dtype=foo'], '--dtype=foo: choose one of auto, float32, bfloat16, float16'),
+    ('train.py', ['--device=cuda'], 'CUDA device(s)'),
+    ('train.py', ['--device=tpu'], '--device=tpu: choose auto, cpu, cuda'),
+    ('train.py', ['--preset=99M'], '--preset=99M: choose one of 40M, 70M, 150M, tiny'),
+    ('train.py', ['--n_head=7'], '--n_embd=512 must be a multiple of --n_head=7'),
+    ('train.py', ['--dropout=1.0'], '--dropout=1.0 must be in [0, 1)'),
+    ('train.py', ['--gamma=0'], '--gamma=0.0 must be in (0, 1]'),
+    ('train.py', ['--epsilon=2'], '--epsilon=2.0 must be in [0, 1]'),
+    ('train.py', ['--lr_world2=1e999'], '--lr_world2=inf must be a finite number'),
+    ('train.py', ['--lr_critic=0'], '--lr_critic=0.0 must be > 0'),
+    ('train.py', ['--v_min=30'], '--v_min=30.0 must be below --v_max=30.0'),
+    ('train.py', ['--td_loss=huber'], '--td_loss=huber: choose one of c51, mse'),
+    ('train.py', ['--horizon=8'], '--horizon=8 must be below the model'),
+    ('train.py', ['--context=9'], '--context=9 must be at most'),
+    ('train.py', ['--obs_tokens=16'], '--obs_tokens=16: choose one of 36'),
+    ('train.py', ['--lr=3'], 'unknown option --lr'),
+    ('train.py', ['--batch_size=abc'], '--batch_size=abc must be of type int'),
+    ('train.py', ['stray'], "unexpected argument 'stray'"),
+    ('train.py', ['--demo=longer'], 'choose --demo (short) or --demo=long'),
+    ('train.py', ['--games=Pongg'], 'unknown game'),
+    ('train.py', ['--eval_games=Breakout'], 'no action mask for game'),
+    ('train.py', ['--data_dir={root}/missing'], '--data_dir={root}/missing is not a folder'),
+    ('train.py', ['--data_dir={data}', '--out_dir={data}'], 'overlaps --data_dir'),
+    ('train.py', ['--data_dir={data}', '--out_dir={data}/Pong'], 'overlaps --data_dir'),
+    ('train.py', ['--out_dir={root}/none', '--resume'], 'no checkpoint'),
+    ('train.py', ['--out_dir={root}/trunc', '--resume'], 'cannot read checkpoint'),
+    ('train.py', ['--out_dir={root}/ft', '--resume'], 'not written by train.py but by finetune.py'),
+    ('train.py', ['--init_from={root}/missing.pt'], 'checkpoint file not found'),
+    ('train.py', ['--init_from={root}/list.pt'], 'is not a JOWA checkpoint'),
+    ('train.py', ['--init_from={root}/train/ckpt.pt'], 'holds a tiny model'),  # into the default 40M
+    ('train.py', ['--init_from={root}/JOWA_tiny.pt,{root}/tokenizer.pt'], 'the pair is swapped'),
+    ('evaluate.py', ['--ckpt={root}/train/ckpt.pt', '--episodes=0'], '--episodes=0 must be > 0'),
+    ('evaluate.py', ['--ckpt={root}/train/ckpt.pt', '--horizon=-1'], '--horizon=-1 must be >= 0'),
+    ('evaluate.py', ['--ckpt={root}/train/ckpt.pt', '--beam=-1'], '--beam=-1 must be >= 0'),
+    ('evaluate.py', ['--ckpt={root}/train/ckpt.pt', '--batch=-2'], '--batch=-2 must be >= 0'),
+    ('evaluate.py', ['--ckpt={root}/train/ckpt.pt', '--out={root}/file/scores.json'], 'must be a file path'),
+    ('evaluate.py', ['--ckpt={root}/train/ckpt.pt', '--out={root}'], 'must be a file path'),
+    ('evaluate.py', ['--ckpt={root}/train/ckpt.pt', '--video={root}/file/a.mp4'], 'must be a file path'),
+    ('evaluate.py', ['--ckpt={root}/train/ckpt.pt', '--video={root}/a.gif'], 'must end in .npy, .mp4 or .avi'),
+    ('evaluate.py', ['--ckpt={root}/train/ckpt.pt', '--report={root}/file'], '--report={root}/file must be a folder'),
+    ('evaluate.py', ['--ckpt={root}/train/ckpt.pt', '--report={root}/rep'], '--report needs --heldout'),
+    ('evaluate.py', ['--ckpt={root}/train/ckpt.pt', '--device=cuda'], 'CUDA device(s)'),
+    ('evaluate.py', ['--ckpt={root}/train/ckpt.pt', '--context=9'], '--context=9 must be at most'),
+    ('evaluate.py', ['--games=Pong'], '--ckpt is required'),
+    ('evaluate.py', ['--ckpt={root}/missing.pt'], 'checkpoint file not found'),
+    ('evaluate.py', ['--ckpt={root}/trunc/ckpt.pt'], 'cannot read checkpoint'),
+    ('evaluate.py', ['--ckpt={root}/list.pt'], 'is not a JOWA checkpoint'),
+    ('evaluate.py', ['--ckpt={root}/file'], 'cannot read checkpoint'),
+    ('evaluate.py', ['--ckpt={root}/JOWA_tiny.pt,{root}/tokenizer.pt'], 'the pair is swapped'),
+    ('evaluate.py', ['--ckpt={root}/tokenizer.pt,{root}/tokenizer.pt'], 'is not a JOWA state dict'),
+    ('evaluate.py', ['--ckpt={root}/train', '--games=Pong'], 'no JOWA_<size>.pt in directory'),
+    ('evaluate.py', ['--ckpt={root}/train/ckpt.pt', '--games=Pongg'], 'unknown game'),
+    ('evaluate.py', ['--ckpt={root}/train/ckpt.pt', '--games=Pong,Breakout'], 'no action mask'),
+    ('finetune.py', [], '--init=<checkpoint> is required'),
+    ('finetune.py', ['--init={root}/missing.pt', '--data={replay}'], 'checkpoint file not found'),
+    ('finetune.py', ['--init={root}/train/ckpt.pt', '--data={replay}', '--game=Pongg'], 'unknown game'),
+    ('finetune.py', ['--init={root}/train/ckpt.pt', '--data={root}/missing'], 'no data for Pong'),
+    ('finetune.py', ['--init={root}/train/ckpt.pt', '--steps=0'], '--steps=0 must be > 0'),
+    ('finetune.py', ['--init={root}/train/ckpt.pt', '--imagine_horizon=0'], '--imagine_horizon=0 must be > 0'),
+    ('finetune.py', ['--init={root}/train/ckpt.pt', '--imagine_beam=0'], '--imagine_beam=0 must be > 0'),
+    ('finetune.py', ['--init={root}/train/ckpt.pt', '--eval_seconds=0'], '--eval_seconds=0.0 must be > 0'),
+    ('finetune.py', ['--init={root}/train/ckpt.pt', '--out_dir={root}/file'], 'must be a folder'),
+    ('finetune.py', ['--init={root}/train/ckpt.pt', '--data={replay}', '--out_dir={replay}/Pong'], 'overlaps --data'),
+    ('finetune.py', ['--out_dir={root}/none', '--resume'], 'nothing to resume'),
+    ('finetune.py', ['--out_dir={root}/train', '--resume'], 'not written by finetune.py but by train.py'),
+    ('data.py', ['process', '--src={replay}', '--out={replay}', '--games=Pong', '--runs=1', '--ckpts=0'],
+     'overlaps --src'),
+    ('data.py', ['process', '--src={replay}', '--out={replay}/processed', '--games=Pong', '--runs=1', '--ckpts=0'],
+     'overlaps --src'),
+    ('data.py', ['process', '--src={root}', '--out={replay}', '--games=Pong', '--runs=1', '--ckpts=0'],
+     'overlaps --src'),  # the output holds the input
+    ('data.py', ['process', '--src={replay}', '--out={root}/p', '--games=Pong', '--runs=1', '--ckpts=0-3'],
+     'missing file'),
+    ('data.py', ['process', '--src={replay}', '--out={root}/p', '--games=Pong,Pongg', '--runs=1', '--ckpts=0'],
+     'unknown game'),
+    ('data.py', ['process', '--src={replay}', '--out={root}/p', '--ckpts=a-b'], "'a-b' is not a list of numbers"),
+    ('data.py', ['process', '--src={replay}', '--out={root}/p', '--fraction=0'], '--fraction=0.0 must be in (0, 1]'),
+    ('data.py', ['process', '--src={replay}', '--out={root}/p', '--stride=0'], '--stride=0 must be > 0'),
+    ('data.py', ['process', '--src={replay}', '--out={root}/file'], '--out={root}/file must be a folder'),
+    ('data.py', ['collect', '--game=Pong', '--out={replay}'], 'already holds a collection'),
+    ('data.py', ['collect', '--game=Pongg', '--out={root}/c'], 'unknown game'),
+    ('data.py', ['collect', '--steps=0', '--out={root}/c'], '--steps=0 must be > 0'),
+    ('data.py', ['collect', '--ckpt_size=0', '--out={root}/c'], '--ckpt_size=0 must be > 0'),
+    ('data.py', ['collect', '--policy={root}/missing.pt', '--out={root}/c'], 'checkpoint file not found'),
+    ('data.py', ['tokens', '--data={data}'], '--ckpt=<checkpoint> is required'),
+    ('data.py', ['tokens', '--data={data}', '--ckpt={root}/trunc/ckpt.pt'], 'cannot read checkpoint'),
+    ('data.py', ['tokens', '--data={data}', '--batch=0', '--ckpt={root}/train/ckpt.pt'], '--batch=0 must be > 0'),
+    ('data.py', ['shuffle'], 'usage: python data.py collect|process|tokens'),
+]
+
+
+@pytest.mark.parametrize('script, argv, message', BAD, ids=[f'{s}:{" ".join(a)[:60]}' for s, a, _ in BAD])
+def test_bad_input_is_one_line_before_any_work(bad_inputs, script, argv, message, monkeypatch, capsys):
+    fill = lambda x: x.format(**bad_inputs)
+    before = tree(bad_inputs['root']), tree(bad_inputs['data'])
+    code = in_process(script, [fill(a) for a in argv], monkeypatch)
+    assert isinstance(code, str) and code.startswith('error: ') or code.startswith('usage: '), code
+    assert '\n' not in code and fill(message) in code, code
+    assert 'Traceback' not in capsys.readouterr().err
+    assert (tree(bad_inputs['root']), tree(bad_inputs['data'])) == before  # inputs (and everything else) untouched
+
+
+def test_collect_replace_deletes_the_old_collection_whole(tmp_path):
+    data.collect('Pong', str(tmp_path), 30, run=1, ckpt_size=10)  # 3 files of each array
+    data.collect('Pong', str(tmp_path), 20, run=1, ckpt_size=20, replace=True)  # 1 file: no file of the old one left
+    logs = tmp_path / 'Pong' / '1' / 'replay_logs'
+    assert sorted(os.listdir(logs)) == sorted(f'$store${n}_ckpt.0.gz' for n in
+                                              ('_observation', '_action', '_reward', '_terminal'))
+
+
+def test_leftover_temp_files_of_a_killed_write_are_removed(tmp_path, capsys):
+    (tmp_path / 'ckpt.pt').write_bytes(b'keep')
+    (tmp_path / 'ckpt.pt.tmp4242').write_bytes(b'half a checkpoint')
+    (tmp_path / 'best.pt.tmp17').write_bytes(b'half')
+    M.remove_temp_files(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt'] and 'interrupted checkpoint write' in capsys.readouterr().out

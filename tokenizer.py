@@ -201,6 +201,7 @@ class Tokenizer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         ch, dim, self.vocab = cfg.tok_ch, cfg.tok_embed_dim, cfg.obs_vocab
+        self.perceptual = getattr(cfg, 'tok_perceptual', 1.0)  # weight of the LPIPS term
         if cfg.obs_tokens != 36:
             raise ValueError(f"the tokenizer makes a 6x6 grid = 36 tokens per frame, got obs_tokens={cfg.obs_tokens}")
         self.encoder = Encoder(ch, dim)
@@ -264,8 +265,11 @@ class Tokenizer(nn.Module):
         terms = dict(reconstruction=(target - rec).abs().mean(),
                      # codebook + beta * commitment, beta = 1 (not VQ-VAE's 0.25)
                      commitment=(z.detach() - z_q).pow(2).mean() + (z - z_q.detach()).pow(2).mean())
-        if self.lpips.source is not None:
-            terms['perceptual'] = self.lpips(target.reshape(-1, 1, 84, 84), rec.reshape(-1, 1, 84, 84)).mean()
+        if self.perceptual == 0:
+            pass
+        elif self.lpips.source is not None:
+            terms['perceptual'] = self.perceptual * self.lpips(target.reshape(-1, 1, 84, 84),
+                                                               rec.reshape(-1, 1, 84, 84)).mean()
         elif not self.lpips.warned:
             warnings.warn(LPIPS_HELP)
             self.lpips.warned = True

@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import (ARCH_FIELDS, JOWA, JOWAConfig, PRETRAIN_GAMES, average_over_ranks, configure_optimizer,
-                   load_checkpoint, num_params, parse_args, save_checkpoint)
+from model import (ARCH_FIELDS, JOWA, JOWAConfig, PRETRAIN_GAMES, action_mask, average_over_ranks, check_same_sizes,
+                   configure_optimizer, load_checkpoint, num_params, parse_args, read_checkpoint, remove_temp_files,
+                   save_checkpoint, task_id)
 from tokenizer import Tokenizer, load_lpips_weights
 
 # -----------------------------------------------------------------------------
@@ -55,16 +56,19 @@ args = dict(
     demo_steps=2000,              # random-policy agent steps the demo collects per game (and 2,000 held out)
 )
 # the demos: collect real ALE play of 3 games with a random policy, train the tiny preset on 2 CPU cores, report.
-# The codebook restarts (tok_restart) keep the short tokenizer budget from collapsing onto a few codes.
+# CPU-budget choices (all options, the official recipe is the default): codebook restarts (tok_restart) keep a short
+# tokenizer training from collapsing onto a few codes; 16 tokenizer channels and no LPIPS-VGG term make a tokenizer
+# step ~8x cheaper (LPIPS alone took ~1.4 s of a 16-frame step), so it trains on ~20x more frames, at a 10x lr.
 DEMO = ['--preset=tiny', '--games=Carnival,Assault,SpaceInvaders', '--batch_size=8', '--micro_batch=8',
-        '--tok_batch=8', '--tok_restart=20', '--log_interval=50', '--eval_games=Carnival,Assault,SpaceInvaders']
+        '--tok_ch=16', '--tok_perceptual=0', '--lr_tokenizer=1e-3', '--tok_batch=16', '--tok_restart=20',
+        '--target_update=250', '--log_interval=100', '--eval_games=Carnival,Assault,SpaceInvaders']
 DEMOS = dict(
     short=DEMO + ['--data_dir=data_cache/demo/processed', '--heldout_dir=data_cache/demo/heldout', '--out_dir=out/demo',
-                  '--stage1_steps=80', '--stage2_steps=1200', '--target_update=100', '--ckpt_interval=400',
-                  '--eval_episodes=4', '--eval_max_steps=1000', '--eval_max_seconds=60.0'],  # ~10 min
+                  '--stage1_steps=600', '--stage2_steps=2400', '--ckpt_interval=1000', '--eval_episodes=4',
+                  '--eval_max_steps=2000', '--eval_max_seconds=60.0'],  # ~10 min
     long=DEMO + ['--data_dir=data_cache/long/processed', '--heldout_dir=data_cache/long/heldout', '--out_dir=out/long',
-                 '--demo_steps=10000', '--stage1_steps=400', '--stage2_steps=6000', '--target_update=500',
-                 '--ckpt_interval=1000', '--eval_episodes=16', '--eval_max_steps=27000', '--eval_max_seconds=600.0'],
+                 '--demo_steps=10000', '--stage1_steps=3000', '--stage2_steps=10000', '--ckpt_interval=2000',
+                 '--eval_episodes=16', '--eval_max_steps=27000', '--eval_max_seconds=900.0'],  # ~50 min
 )
 argv = sys.argv[1:]
 demo = next((a.partition('=')[2] or 'short' for a in argv if a.split('=')[0] == '--demo'), '')
@@ -72,12 +76,26 @@ demo = 'short' if demo == 'True' else demo
 if demo and demo not in DEMOS:
     raise SystemExit(f"error: --demo={demo}: choose --demo (short) or --demo=long")
 argv = DEMOS[demo] + [a for a in argv if a.split('=')[0] != '--demo'] + [f'--demo={demo}'] if demo else argv
-cfg, args = parse_args(argv, args)
+RULES = dict(out_dir='dir', stop_at='>=0', log_interval='>0', ckpt_interval='>=0', eval_interval='>=0',
+             eval_episodes='>=0', eval_max_steps='>0', eval_max_seconds='>0', demo_steps='>0')
+cfg, args = parse_args(argv, args, RULES)
 given = {a[2:].partition('=')[0].replace('-', '_') for a in argv}
 ckpt_path = os.path.join(args['out_dir'], 'ckpt.pt')
 if args['resume'] and not os.path.exists(ckpt_path):
     raise SystemExit(f"error: --resume: no checkpoint {ckpt_path}")
-ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True) if args['resume'] else None
+try:  # every name and file checked before any work
+    for g in {*args['games'].split(','), *args['eval_games'].split(',')}:
+        task_id(g), action_mask(g)
+    ckpt = read_checkpoint(ckpt_path, 'train') if args['resume'] else None
+    init = load_checkpoint(args['init_from']) if args['init_from'] and not ckpt else None
+    if init:
+        check_same_sizes(cfg, init[0], f"--init_from={args['init_from']}")
+    for d in ('data_dir', 'heldout_dir'):  # (a demo collects its own)
+        if args[d] and not args['demo'] and not os.path.isdir(args[d]):
+            raise ValueError(f"--{d}={args[d]} is not a folder (make one with data.py process)")
+    data.check_apart(('out_dir', args['out_dir']), [(k, args[k]) for k in ('data_dir', 'heldout_dir')])
+except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}")
 if ckpt:  # the saved config and settings, except what this command line gives again
     for k in given & set(ARCH_FIELDS):
         if getattr(cfg, k) != ckpt['config'][k]:
@@ -101,6 +119,8 @@ else:
     rank, local_rank, world_size, local_world = 0, 0, 1, 1
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device
 master = rank == 0  # logs, evaluates and writes the checkpoint
+if master:
+    remove_temp_files(args['out_dir'])
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 dtype = ('bfloat16' if device_type == 'cuda' else 'float32') if cfg.dtype == 'auto' else cfg.dtype
 ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type, dtype=getattr(torch, dtype))
@@ -140,16 +160,15 @@ samplers = [data.Sampler(dataset, cfg.max_blocks, cfg.seed, rank * accum + i) fo
 # models (same seed on every rank: identical replicas), optimizers, compile
 torch.manual_seed(cfg.seed)
 model, tokenizer = JOWA(cfg), Tokenizer(cfg)
-if args['init_from'] and not ckpt:
-    _, m, t = load_checkpoint(args['init_from'])
-    model.load_state_dict(m.state_dict())
-    tokenizer.load_state_dict(t.state_dict())
+if init:
+    model.load_state_dict(init[1].state_dict())
+    tokenizer.load_state_dict(init[2].state_dict())
 if ckpt:
     model.load_state_dict(ckpt['model'])
     tokenizer.load_state_dict(ckpt['tokenizer'])
 step = ckpt['step'] if ckpt else 0
 stage = 1 if step < cfg.stage1_steps else 2
-if stage == 1:
+if stage == 1 and cfg.tok_perceptual:
     load_lpips_weights(tokenizer)  # perceptual loss weights (a no-op when the checkpoint holds them)
 model.to(device).train()
 tokenizer.to(device).train(stage == 1)
@@ -240,8 +259,8 @@ def save():
     if any(not torch.equal(s, sums[0]) for s in sums):
         raise RuntimeError(f"DDP replicas differ at step {step}: gradients were not synchronised")
     if master:
-        save_checkpoint(dict(config=asdict(cfg), args=args, step=step, stage=stage, model=model.state_dict(),
-                             tokenizer=tokenizer.state_dict(), optimizer=optimizer.state_dict(),
+        save_checkpoint(dict(script='train', config=asdict(cfg), args=args, step=step, stage=stage,
+                             model=model.state_dict(), tokenizer=tokenizer.state_dict(), optimizer=optimizer.state_dict(),
                              tok_optimizer=tok_optimizer.state_dict(), samplers=streams, rng=rngs, tok_uses=uses,
                              replica_checksums=sums), ckpt_path)
     saved = step
