@@ -90,10 +90,6 @@ try:  # every name and file checked before any work
     init = load_checkpoint(args['init_from']) if args['init_from'] and not ckpt else None
     if init:
         check_same_sizes(cfg, init[0], f"--init_from={args['init_from']}")
-    for d in ('data_dir', 'heldout_dir'):  # (a demo collects its own)
-        if args[d] and not args['demo'] and not os.path.isdir(args[d]):
-            raise ValueError(f"--{d}={args[d]} is not a folder (make one with data.py process)")
-    data.check_apart(('out_dir', args['out_dir']), [(k, args[k]) for k in ('data_dir', 'heldout_dir')])
 except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}")
 if ckpt:  # the saved config and settings, except what this command line gives again
@@ -102,6 +98,13 @@ if ckpt:  # the saved config and settings, except what this command line gives a
             raise SystemExit(f"error: --{k}={getattr(cfg, k)} differs from the checkpoint's {ckpt['config'][k]!r}")
     cfg = JOWAConfig(**{**ckpt['config'], **{k: v for k, v in asdict(cfg).items() if k in given}})
     args.update({k: v for k, v in ckpt['args'].items() if k not in given | {'resume', 'stop_at', 'init_from'}})
+try:  # the folders, as resumed
+    for d in ('data_dir', 'heldout_dir'):  # (a demo collects its own)
+        if args[d] and not args['demo'] and not os.path.isdir(args[d]):
+            raise ValueError(f"--{d}={args[d]} is not a folder (make one with data.py process)")
+    data.check_apart(('out_dir', args['out_dir']), [(k, args[k]) for k in ('data_dir', 'heldout_dir')])
+except ValueError as e:
+    raise SystemExit(f"error: {e}")
 
 # -----------------------------------------------------------------------------
 # DDP, device, dtype, seeds
