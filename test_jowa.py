@@ -1775,7 +1775,7 @@ def test_demo_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_short_demo_as_a_user_runs_it(tmp_path):
-    """`python train.py --demo` (~10 min), in fresh folders: it ends with every stage's evidence."""
+    """`python train.py --demo` (~15 min), in fresh folders: it ends with every stage's evidence."""
     p = subprocess.run([sys.executable, 'train.py', '--demo', f'--data_dir={tmp_path}/processed',
                         f'--heldout_dir={tmp_path}/heldout', f'--out_dir={tmp_path}/out'], cwd=ROOT,
                        capture_output=True, text=True, timeout=2400)

@@ -65,10 +65,10 @@ DEMO = ['--preset=tiny', '--games=Carnival,Assault,SpaceInvaders', '--batch_size
 DEMOS = dict(
     short=DEMO + ['--data_dir=data_cache/demo/processed', '--heldout_dir=data_cache/demo/heldout', '--out_dir=out/demo',
                   '--stage1_steps=600', '--stage2_steps=2400', '--ckpt_interval=1000', '--eval_episodes=4',
-                  '--eval_max_steps=2000', '--eval_max_seconds=60.0'],  # ~10 min
+                  '--eval_max_steps=2000', '--eval_max_seconds=60.0'],  # ~15 min
     long=DEMO + ['--data_dir=data_cache/long/processed', '--heldout_dir=data_cache/long/heldout', '--out_dir=out/long',
                  '--demo_steps=10000', '--stage1_steps=3000', '--stage2_steps=10000', '--ckpt_interval=2000',
-                 '--eval_episodes=16', '--eval_max_steps=27000', '--eval_max_seconds=900.0'],  # ~50 min
+                 '--eval_episodes=16', '--eval_max_steps=27000', '--eval_max_seconds=900.0'],  # ~90 min
 )
 argv = sys.argv[1:]
 demo = next((a.partition('=')[2] or 'short' for a in argv if a.split('=')[0] == '--demo'), '')
