@@ -6,9 +6,11 @@ each section measures the machine's own matmul peak where it reports a fraction 
     python bench.py ddp [--repeats=3]      # 40M training: 1 process vs 2-rank gloo DDP (scaling), peak RSS
     python bench.py dtype                  # 40M training in fresh processes: fp32 vs bf16 autocast
     python bench.py sampler                # segment sampler throughput and peak RSS on a ~2 GB dataset
+    python bench.py scaled_ql [--pairs=tiny:tiny,40M:resnet18 --batch=16 --repeats=5]  # training samples/s beside JOWA's
     python bench.py plan [--compile --freeze --threads=1 --envs=1,16 --beams=0,2,4 --jacobi=auto|on|off --max_passes=8]
     python bench.py plan --ckpt=out/ckpt.pt --data=processed --games=Assault   # trained weights, real contexts
                                            # (--consecutive=False: no first guess from the previous step's plan)
+    python bench.py mcts [--envs=1,16 --repeats=3 --mcts_simulations=20]   # greedy, beam H2 K2 and MCTS decisions/s
 """
 import json
 import os
@@ -27,8 +29,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import data
-from model import JOWA, average_over_ranks, configure_optimizer, load_checkpoint, make_config, parse_args, task_id
-from plan import Planner, make_context
+from model import (JOWA, PRESETS, PRETRAIN_GAMES, average_over_ranks, configure_optimizer, device_setup, load_checkpoint,
+                   make_config, num_params, parse_args, task_id)
+from plan import MCTS, Planner, make_context
 from tokenizer import Tokenizer
 
 
@@ -252,6 +255,72 @@ def bench_sampler(gb=2.0, games=('SpaceInvaders', 'Berzerk'), steps=1500, batch_
 
 
 # -----------------------------------------------------------------------------
+# Scaled-QL (scaled_ql.py) beside JOWA: training throughput at similar sizes
+
+SQL_PAIRS = 'tiny:tiny,40M:resnet18,70M:resnet50,150M:resnet101'  # JOWA preset : Scaled-QL preset of similar size
+
+
+def bench_scaled_ql(argv):
+    """One training step (forward, loss, backward, clip, optimizer step) of JOWA's stage 2 on B token segments of
+    T = 8 blocks (tokenizer frozen, frames encoded once into the token cache) and of Scaled-QL on B * T frame-stack
+    transitions (the same environment steps per update; the target network's forward included), fp32, for each pair
+    of presets of similar size. samples/s: segments/s for JOWA (each holds 8 steps), transitions/s for Scaled-QL.
+    Medians over repeats, the pairs measured in one run on the same machine."""
+    import scaled_ql
+    cfg, args = parse_args(argv, dict(pairs=SQL_PAIRS, batch=16, repeats=5, threads=0),
+                           dict(batch='>0', repeats='>0', threads='>=0'))
+    if args['threads']:
+        torch.set_num_threads(args['threads'])
+    pairs = [p.split(':') for p in args['pairs'].split(',')]
+    for pair in pairs:
+        if len(pair) != 2 or pair[0] not in PRESETS or pair[1] not in scaled_ql.PRESETS:
+            raise SystemExit(f"error: --pairs: {':'.join(pair)} is not <JOWA preset>:<Scaled-QL preset> "
+                             f"({', '.join(PRESETS)} : {', '.join(scaled_ql.PRESETS)})")
+    B, T, R = args['batch'], 8, args['repeats']
+    print(f"training step, fp32, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}: JOWA "
+          f"{B} segments x {T} blocks, Scaled-QL {B * T} transitions (15 games' heads), median of {R} repeats")
+    games = list(PRETRAIN_GAMES)
+    for jowa_preset, sql_preset in pairs:
+        torch.manual_seed(0)
+        jcfg = make_config(jowa_preset)
+        jowa = JOWA(jcfg).train()
+        jopt = configure_optimizer(jowa, jcfg.lr_world2, jcfg.lr_critic, jcfg.weight_decay)
+        jbatch = token_batch(jcfg, B, T)
+
+        def jowa_step():
+            loss, _ = jowa.compute_loss(jbatch, stage=2)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(jowa.parameters(), jcfg.grad_clip)
+            jopt.step()
+            jopt.zero_grad(set_to_none=True)
+        t_jowa = timeit(jowa_step, R)
+        scfg, sargs, _ = scaled_ql.parse([f'--preset={sql_preset}'])
+        sql = scaled_ql.ScaledQL(sargs, games, scfg).train()
+        target = scaled_ql.ScaledQL(sargs, games, scfg).eval().requires_grad_(False)
+        sopt = torch.optim.Adam(sql.parameters(), lr=sargs['lr'])
+        g, n = torch.Generator().manual_seed(0), B * T
+        head = torch.randint(0, len(games), (n,), generator=g)
+        valid = sql.valid[head].float()  # (n, 18): a valid data action per row
+        sbatch = dict(obs=torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g),
+                      next_obs=torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g), head=head,
+                      action=torch.multinomial(valid, 1, generator=g)[:, 0], ret=torch.zeros(n),
+                      disc=torch.full((n,), scfg.gamma ** 3))
+
+        def sql_step():
+            loss, _ = scaled_ql.compute_loss(sql, target, sbatch, scfg)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(sql.parameters(), scfg.grad_clip)
+            sopt.step()
+            sopt.zero_grad(set_to_none=True)
+        t_sql = timeit(sql_step, R)
+        print(f"  JOWA {jowa_preset:>5} ({num_params(jowa) / 1e6:6.2f}M): {t_jowa * 1e3:7.0f} ms/step "
+              f"{B / t_jowa:8.1f} segments/s = {B * T / t_jowa:8.1f} steps/s  |  Scaled-QL {sql_preset:>9} "
+              f"({num_params(sql) / 1e6:6.2f}M): {t_sql * 1e3:7.0f} ms/step {n / t_sql:8.1f} transitions/s  |  "
+              f"Scaled-QL / JOWA steps/s {n / t_sql / (B * T / t_jowa):.2f}x", flush=True)
+        del jowa, jopt, sql, target, sopt
+
+
+# -----------------------------------------------------------------------------
 # planner
 
 OFFICIAL = {0: 12.1, 2: 1.09, 4: 0.75}  # official code, 1 env, fp32, on a 2-core machine like this one (decisions/s)
@@ -431,6 +500,67 @@ def bench_plan(argv):
 
 
 
+# -----------------------------------------------------------------------------
+# planners side by side: greedy, beam search and MCTS (paper §5.6, Table 5: beam search ~10x faster than MCTS)
+
+PAPER_DPS = {'greedy': 10.8, 'beam H2 K2': 1.26, 'MCTS': 0.12}  # paper App. F: 150M on a GPU, decisions/s
+
+
+def bench_mcts(argv):
+    """Decisions/s (frame encode included) of the greedy policy, beam search H=2 K=2 and MCTS with the official
+    eval_MCTS.sh settings (H 6: max depth 5, T 0.9, 20 simulations; --mcts_simulations, --mcts_temperature), in one
+    run on the same machine, each with the longest root context it allows (8 - H blocks: 8, 6 and 2). Random weights
+    and random contexts, eager planners; medians of repeats after one warm-up call."""
+    cfg, args = parse_args(['--preset=40M'] + argv, dict(envs='1', repeats=3, threads=0),
+                           dict(repeats='>0', threads='>=0'))
+    if args['threads']:
+        torch.set_num_threads(args['threads'])
+    dev, dtype, amp = device_setup(cfg)
+    dev = torch.device(dev)
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else lambda: None
+    torch.manual_seed(0)
+    model, tokenizer = JOWA(cfg).eval().to(dev), Tokenizer(cfg).eval().to(dev).to(memory_format=torch.channels_last)
+    S, T = cfg.mcts_simulations, cfg.mcts_temperature
+    policies = [('greedy', Planner(model), dict(horizon=0)), ('beam H2 K2', Planner(model), dict(beam=2, horizon=2)),
+                ('MCTS', MCTS(model), dict(horizon=6, simulations=S, temperature=T))]
+    print(f"{cfg.preset} preset ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, random weights) "
+          f"on {dev.type}, {dtype}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}; "
+          f"MCTS: H 6 (max depth 5), T {T}, {S} simulations; medians of {args['repeats']} repeats")
+    print(f"{'envs':>4} {'policy':>11} {'context':>7} {'decisions/s':>11} {'plan ms':>8} {'encode ms':>9} "
+          f"{'vs greedy':>9} {'paper (150M, GPU)':>17}")
+    with torch.no_grad(), amp:
+        for N in [int(n) for n in args['envs'].split(',')]:
+            gen = torch.Generator().manual_seed(N)
+            frames = torch.rand(N, 1, 84, 84, generator=gen).to(dev)
+            tasks = torch.full((N,), task_id('Assault'), device=dev)
+            rate = {}
+            for name, planner, kw in policies:
+                n_ctx = cfg.max_blocks - kw['horizon']  # B§7.2 / B§7.4: the root context leaves room for H blocks
+                L = n_ctx * 37 - 1
+                ctx = torch.randint(0, cfg.obs_vocab, (N, L), generator=gen)
+                ctx[:, 36::37] = torch.randint(0, 7, (N, n_ctx - 1), generator=gen)  # action tokens of Assault
+                ctx, lens = ctx.to(dev), torch.full((N,), L, device=dev)
+                t_enc, t_plan = [], []
+                for r in range(args['repeats'] + 1):  # the first call warms up
+                    sync()
+                    t0 = time.perf_counter()
+                    tokenizer.encode(frames)
+                    sync()
+                    t1 = time.perf_counter()
+                    planner(ctx, lens, tasks, **kw)['action'].cpu()
+                    t2 = time.perf_counter()
+                    if r:
+                        t_enc.append(t1 - t0)
+                        t_plan.append(t2 - t1)
+                enc, pl = statistics.median(t_enc), statistics.median(t_plan)
+                rate[name] = N / (enc + pl)
+                print(f"{N:>4} {name:>11} {n_ctx:>7} {rate[name]:>11.2f} {pl * 1e3:>8.0f} {enc * 1e3:>9.0f} "
+                      f"{rate[name] / rate['greedy']:>8.3f}x {PAPER_DPS[name]:>9.2f} ({PAPER_DPS[name] / 10.8:.3f}x)",
+                      flush=True)
+            print(f"     beam / MCTS: {rate['beam H2 K2'] / rate['MCTS']:.1f}x here, "
+                  f"{PAPER_DPS['beam H2 K2'] / PAPER_DPS['MCTS']:.1f}x in the paper")
+
+
 if __name__ == '__main__':
     which, argv = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ('train', [])
     if which == 'train':
@@ -441,5 +571,10 @@ if __name__ == '__main__':
         bench_sampler()
     elif which == 'plan':
         bench_plan(argv)
+    elif which == 'mcts':
+        bench_mcts(argv)
+    elif which == 'scaled_ql':
+        bench_scaled_ql(argv)
     else:
-        raise SystemExit(f"error: unknown section {which!r}; choose train, ddp, dtype, sampler or plan")
+        raise SystemExit(f"error: unknown section {which!r}; choose train, ddp, dtype, sampler, plan, mcts or "
+                         f"scaled_ql")

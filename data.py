@@ -30,7 +30,7 @@ import torch
 from gymnasium.wrappers import AtariPreprocessing, TransformAction
 from tqdm import tqdm
 
-from model import PRETRAIN_GAMES, action_mask, load_checkpoint, parse_args, task_id
+from model import PRETRAIN_GAMES, action_mask, device_setup, load_checkpoint, parse_args, task_id
 
 gym.register_envs(ale_py)
 NAMES = ('observation', 'action', 'reward', 'terminal')  # the four arrays of a DQN-Replay checkpoint
@@ -271,16 +271,22 @@ class Sampler:
         self.tasks = np.array([d['task'] for d in ds])
         self.rng = np.random.default_rng([seed, rank])
 
-    def sample(self, batch_size, tokens=False):
-        """B§4.1 batch: observations float (B,T,1,84,84) in [0,1] or tokens long (B,T,36); actions long (B,T) full
-        ids; rewards float (B,T); ends long (B,T); mask_padding bool (B,T); envs long (B,) task ids."""
+    def draw(self, batch_size, read):
+        """batch_size ids drawn uniformly over the pooled id ranges self.cum of all games, read one game at a time by
+        read(d, ids within game d) -> {key: numpy array}; returns ({key: tensor (B, ...)} in drawn order, (B,) game
+        index into ds). Sampler draws segments; scaled_ql.Transitions draws steps through it."""
         ids = self.rng.integers(0, self.cum[-1], batch_size)
         game = np.searchsorted(self.cum, ids, side='right') - 1  # (B,) index into ds
         groups = np.unique(game)
         rows = [np.flatnonzero(game == g) for g in groups]
-        parts = [read_segments(self.ds[g]['dir'], ids[r] - self.cum[g], self.T, tokens) for g, r in zip(groups, rows)]
+        parts = [read(self.ds[g], ids[r] - self.cum[g]) for g, r in zip(groups, rows)]
         back = np.argsort(np.concatenate(rows))  # grouped by game -> drawn order
-        b = {k: torch.from_numpy(np.concatenate([p[k] for p in parts])[back]) for k in parts[0]}
+        return {k: torch.from_numpy(np.concatenate([p[k] for p in parts])[back]) for k in parts[0]}, game
+
+    def sample(self, batch_size, tokens=False):
+        """B§4.1 batch: observations float (B,T,1,84,84) in [0,1] or tokens long (B,T,36); actions long (B,T) full
+        ids; rewards float (B,T); ends long (B,T); mask_padding bool (B,T); envs long (B,) task ids."""
+        b, game = self.draw(batch_size, lambda d, ids: read_segments(d['dir'], ids, self.T, tokens))
         obs = b['observations']
         b['observations'] = obs.long() if tokens else to_unit(obs.numpy()).unsqueeze(2)
         b['actions'], b['ends'] = b['actions'].long(), b['ends'].long()
@@ -308,11 +314,12 @@ def tokenizer_key(tokenizer):
 
 
 @torch.no_grad()
-def build_token_cache(processed_dir, games, tokenizer, batch=1024):
+def build_token_cache(processed_dir, games, tokenizer, batch=256):
     """Encode every frame once with the frozen tokenizer into tokens.npy (N, 36) int16 next to frames.npy, under
     the caller's autocast (bf16 in the official code). A cache whose tokens.json names this tokenizer is kept;
     otherwise it is rebuilt in a temp file and renamed, then tokens.json is written (last)."""
     key, device = tokenizer_key(tokenizer), next(tokenizer.parameters()).device
+    tokenizer.to(memory_format=torch.channels_last)  # in place, same values (and key): NHWC convolutions are faster
     for d in load_dataset(processed_dir, games):
         marker = os.path.join(d['dir'], 'tokens.json')
         if os.path.exists(marker):
@@ -323,7 +330,7 @@ def build_token_cache(processed_dir, games, tokenizer, batch=1024):
             os.remove(marker)  # stale: the cache is invalid until rebuilt
         frames, tmp, out = _open(d['dir'], 'frames'), os.path.join(d['dir'], f'.tokens.tmp{os.getpid()}.npy'), None
         for i in tqdm(range(0, len(frames), batch), desc=f"{d['game']} tokens"):
-            x = to_unit(frames[i:i + batch]).unsqueeze(1).to(device)  # (b, 1, 84, 84)
+            x = to_unit(frames[i:i + batch]).unsqueeze(1).to(device, memory_format=torch.channels_last)  # (b,1,84,84)
             tok = tokenizer.encode(x).cpu().numpy()  # (b, 36); the 2048-code vocabulary fits int16
             if out is None:
                 out = np.lib.format.open_memmap(tmp, 'w+', np.int16, (len(frames), tok.shape[1]))
@@ -453,8 +460,8 @@ if __name__ == '__main__':
             games = args['games'].split(',') if args['games'] else sorted(
                 g for g in os.listdir(args['data']) if os.path.exists(os.path.join(args['data'], g, 'meta.json')))
             _, _, tokenizer = load_checkpoint(args['ckpt'])
-            device = ('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device
-            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=device.startswith('cuda')):
+            device, _, amp = device_setup(cfg)
+            with amp:
                 build_token_cache(args['data'], games, tokenizer.to(device), args['batch'])
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")

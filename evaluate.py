@@ -6,27 +6,32 @@ lengths default to the official tables; rollout i of a game is seeded with i.
     python evaluate.py --ckpt=out/ckpt.pt --games=Assault,Pong --episodes=16
     python evaluate.py --ckpt=checkpoints/tokenizer.pt,checkpoints/JOWA_150M.pt --games=pretrain --out=scores.json
     python evaluate.py --ckpt=out/ckpt.pt --games=Pong --no-plan --context=8   # greedy Q policy (H = 0)
+    python evaluate.py --ckpt=out/ckpt.pt --games=Pong --planner=mcts   # MCTS (paper Table 5): H 6, T 0.9, 20 sims
+    python evaluate.py --ckpt=out/scaled_ql/ckpt.pt --games=Pong   # a Scaled-QL baseline (scaled_ql.py), greedy
+    python evaluate.py --compare=out/jowa/ckpt.pt,out/scaled_ql/ckpt.pt --games=Assault --no-plan   # one table
     python evaluate.py --ckpt=out/ckpt.pt --games=Pong --episodes=1 --video=pong.mp4
     python evaluate.py --ckpt=out/ckpt.pt --games=Pong --report=out/report --heldout=heldout  # evidence per stage
 
 Options: --horizon/--beam/--context override the tables, --max_steps caps an episode (agent steps, default 108k),
 --max_seconds caps the whole run, --batch bounds the environments per planner call, --vector=False steps a list of
-gymnasium environments (data.make_env) instead of ale_py's C++ vector environment.
+gymnasium environments (data.make_env) instead of ale_py's C++ vector environment. --compare=a.pt,b.pt,... plays the
+random policy, then each checkpoint (JOWA, MTBC or Scaled-QL; an official pair as the folder holding it) on the same
+seeds with the same epsilon and step cap (--max_seconds caps each one's play) and prints one score table, a row per
+agent and game (compare).
 """
 import json
 import os
 import re
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import (HELDOUT_GAMES, KVCache, PRETRAIN_GAMES, REF_SCORES, VALID_ACTIONS, action_mask, load_checkpoint,
-                   normalized_score, parse_args, task_id)
-from plan import Planner
+from model import (HELDOUT_GAMES, KVCache, PRETRAIN_GAMES, REF_SCORES, VALID_ACTIONS, action_mask, device_setup,
+                   load_checkpoint, normalized_score, parse_args, task_id)
+from plan import MCTS, Planner
 
 # -----------------------------------------------------------------------------
 # official per-game settings (B§8.4): beam width K (all sizes), context blocks per model size, mean raw scores
@@ -123,8 +128,9 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
     batched over environments (at most `batch` per planner call; default 16 on CPU, 64 on GPU). plan=False is the
     greedy Q policy (H = 0); horizon/beam/context override cfg and the tables. policy='random' plays uniformly
     random valid actions instead, drawn from the same per-rollout RNGs (the model is not run). Model and tokenizer
-    in eval mode; cfg.dtype picks autocast, cfg.compile a compiled planner (freeze=True: with frozen weights, only
-    for a model that will not change in this process). Returns ({game: [raw return of each episode]}, {game: [cut
+    in eval mode; cfg.dtype picks autocast, cfg.planner beam search or MCTS (plan.MCTS: cfg.mcts_simulations and
+    cfg.mcts_temperature, max depth H - 1), cfg.compile a compiled planner (freeze=True: with frozen weights, only for
+    a model that will not change in this process). Returns ({game: [raw return of each episode]}, {game: [cut
     of each episode]}): an episode cut by max_steps (agent steps, default cfg.max_steps) or max_seconds (wall clock
     of the whole call) counts its return so far and has cut True."""
     check_games(games)
@@ -132,12 +138,17 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
         raise ValueError(f"policy={policy!r}: choose 'model' or 'random'")
     if plan and cfg.objective == 'bc':
         raise ValueError("an MTBC model (objective bc) has no world model to plan with: evaluate it with plan=False")
+    model_free = hasattr(model, 'act')  # Scaled-QL (scaled_ql.py): no tokenizer, no planner (model_free_actions)
+    if plan and model_free:
+        raise ValueError("a model-free agent (Scaled-QL) has no world model to plan with: evaluate it with plan=False")
     dev = next(model.parameters()).device
-    dtype = ('bfloat16' if dev.type == 'cuda' else 'float32') if cfg.dtype == 'auto' else cfg.dtype
-    amp = nullcontext() if dtype == 'float32' else torch.autocast(dev.type, dtype=getattr(torch, dtype))
+    amp = device_setup(cfg, dev)[2]
     max_steps, batch = max_steps or cfg.max_steps, batch or (64 if dev.type == 'cuda' else 16)
-    planner = Planner(model, compile=cfg.compile, freeze=freeze)
-    tokenizer.to(memory_format=torch.channels_last)  # in place (same values): NHWC convolutions encode ~20% faster
+    if not model_free:
+        mcts = cfg.planner == 'mcts'  # MCTS (paper Table 5) instead of beam search: the same call, its own settings
+        planner = (MCTS if mcts else Planner)(model, compile=cfg.compile, freeze=freeze)
+        search = dict(simulations=cfg.mcts_simulations, temperature=cfg.mcts_temperature) if mcts else {}
+        tokenizer.to(memory_format=torch.channels_last)  # in place (same values): NHWC convolutions encode ~20% faster
     sets = {g: game_settings(cfg, g, plan, horizon, beam, context) for g in games}
     H = sets[games[0]][1]
     # one slot per (game, rollout): task, beam width, context capacity (blocks), epsilon RNG seeded with the rollout
@@ -154,6 +165,7 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
     nblk = torch.zeros(N, dtype=torch.long, device=dev)
     # the frame the last plan imagined after its action: the planner's first guess for the next plan (-1: none)
     guess = torch.full((N, cfg.obs_tokens), -1, dtype=torch.long, device=dev)
+    stack = np.zeros((N, 4, 84, 84), dtype=np.uint8) if model_free else None  # model-free: each slot's last 4 frames
     ret, steps, done, cut = np.zeros(N), np.zeros(N, dtype=np.int64), np.zeros(N, dtype=bool), np.zeros(N, dtype=bool)
     video_frames, imagined, t0 = [], np.zeros_like(frames[0]), time.time()
     bar = tqdm(total=N, unit='episode', disable=not verbose, dynamic_ncols=True)
@@ -163,6 +175,9 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
         if policy == 'random':
             actions = np.zeros(N, dtype=np.int64)
             actions[act] = [rngs[i].choice(valid[i]) for i in act]
+        elif model_free:
+            with amp:
+                actions = model_free_actions(model, stack, frames, act, rngs, valid, cfg.epsilon, tasks, batch)
         else:
             with amp:
                 # B§7.1: encode the new frame, append its tokens (sliding window of whole blocks)
@@ -183,7 +198,7 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
                     r = torch.as_tensor(chunk, device=dev)
                     nb = int(nblk[r].max())
                     ctx = mem[r, :nb].flatten(1)[:, :-1]  # (n, nb*37 - 1), right-padded
-                    out = planner(ctx, nblk[r] * T - 1, tasks[r], beam=K[r], horizon=H, guess=guess[r])
+                    out = planner(ctx, nblk[r] * T - 1, tasks[r], beam=K[r], horizon=H, guess=guess[r], **search)
                     actions[chunk] = out['action'].cpu().numpy()
                     if H:
                         guess[r] = out['obs'][:, 0]
@@ -231,6 +246,116 @@ def save_video(path, frames):
     for f in frames:
         w.write(f)
     w.release()
+
+# -----------------------------------------------------------------------------
+# model-free agents (scaled_ql.py's Scaled-QL): a model with act(stacks, tasks), played greedily under the same
+# protocol (environments, seeds, epsilon draws, caps, score table) without planning: it has no world model
+
+
+def model_free_actions(model, stack, frames, act, rngs, valid, epsilon, tasks, batch):
+    """Push the new frames of the active slots `act` into their 4-frame stacks (N, 4, 84, 84) uint8, zeros before an
+    episode's first frame as in scaled_ql.py's training; then per decision one epsilon draw from the slot's RNG, as
+    for JOWA, else model.act's greedy valid action, `batch` slots per call. Returns actions (N,) full ids."""
+    stack[act] = np.concatenate([stack[act, 1:], frames[act, None]], 1)
+    actions = np.zeros(len(stack), dtype=np.int64)
+    eps = np.array([rngs[i].random() < epsilon for i in act])
+    for i in act[eps]:
+        actions[i] = rngs[i].choice(valid[i])
+    need = act[~eps]
+    for chunk in np.array_split(need, max(1, -(-len(need) // batch))) if len(need) else []:
+        r = torch.as_tensor(chunk, device=tasks.device)
+        actions[chunk] = model.act(torch.as_tensor(stack[chunk], device=tasks.device), tasks[r]).cpu().numpy()
+    return actions
+
+
+def play_model_free(model, cfg, games, args, device):
+    """main() for a Scaled-QL checkpoint: the score table of the same evaluation, greedy, no planning."""
+    if args['report']:
+        raise SystemExit("error: --report needs a JOWA checkpoint (tokenizer and world model), not a Scaled-QL one")
+    print(f"Scaled-QL {model.preset} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}, "
+          f"{args['episodes']} episodes per game, greedy (no planning), epsilon {cfg.epsilon}")
+    returns, cut = evaluate(model, None, cfg, games, args['episodes'], batch=args['batch'] or None,
+                            vector=args['vector'], max_seconds=args['max_seconds'] or None, video=args['video'] or None,
+                            verbose=True)
+    table, summary = summarize(returns, cfg.preset, plan=False, cut=cut)
+    print(table)
+    if args['out']:
+        with open(args['out'], 'w') as f:
+            json.dump(dict(ckpt=args['ckpt'], agent='scaled_ql', preset=model.preset, plan=False, returns=returns,
+                           cut=cut, summary=summary), f, indent=1)
+        print(f"wrote {args['out']}")
+
+# -----------------------------------------------------------------------------
+# comparison (--compare=a.pt,b.pt): the random policy and several agents (JOWA, MTBC, Scaled-QL) on the same games
+# and seeds in one call, under one protocol, in one score table with a row per agent
+
+
+def recorded_games(path):
+    """The games a train.py checkpoint at `path` was trained on; None where it records none (weights only, an
+    official pair or folder, finetune.py's). A memory-mapped peek: reads almost nothing of the weights."""
+    if ',' in path or os.path.isdir(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:  # load_checkpoint read it: a legacy (not zip) file, which mmap cannot read
+        return None
+    args = ckpt.get('args') if isinstance(ckpt, dict) and ckpt.get('script') == 'train' else None
+    return args['games'].split(',') if isinstance(args, dict) and args.get('games') else None
+
+
+def compare(paths, games, cli, args, overrides):
+    """main() for --compare: every checkpoint loaded and checked first (a JOWA or Scaled-QL checkpoint that knows
+    every game of --games: a head for it, or trained on it where the checkpoint records its games), then the random
+    policy and each agent (JOWA planning, or greedy with --no-plan; MTBC and Scaled-QL greedy) play the same seeds
+    with the command line's epsilon and step cap, and score_table prints one row per agent and game."""
+    import scaled_ql
+    if args['ckpt'] or args['report'] or args['video']:
+        raise SystemExit("error: --compare plays one score table: give it without --ckpt, --report or --video")
+    overrides = {**overrides, 'epsilon': cli.epsilon, 'max_steps': cli.max_steps}  # one protocol for every agent
+    agents = []  # (row name, path, cfg, model, tokenizer or None, plan)
+    try:
+        check_games(games)
+        for path in paths:
+            sql = scaled_ql.load(path, games, **overrides)  # None: not a Scaled-QL checkpoint
+            cfg, model, tok = (*sql, None) if sql else load_checkpoint(path, **overrides)
+            trained = None if sql else recorded_games(path)  # a Scaled-QL model: load checked its heads
+            missing = [g for g in games if g not in trained] if trained else []
+            if missing:
+                raise ValueError(f"{path} was trained on {', '.join(trained)}, not {missing[0]}")
+            plan = not sql and not args['no_plan'] and cfg.objective != 'bc'
+            how = ('mcts' if getattr(cfg, 'planner', 'beam') == 'mcts' else 'plan') if plan else 'greedy'
+            kind = 'Scaled-QL' if sql else 'MTBC' if cfg.objective == 'bc' else 'JOWA'
+            name = f"{kind} {cfg.preset}" + ('' if sql else f' {how}')
+            name += f" #{len(agents) + 1}" if name in [a[0] for a in agents] else ''
+            agents.append((name, path, cfg, model, tok, plan))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: --compare: {e}")
+    n = args['episodes']
+    print(f"{len(games)} game(s) x {n} episodes (seeds 0..{n - 1}), epsilon {cli.epsilon}, step cap {cli.max_steps}: "
+          f"random and " + ', '.join(f"{name} ({path})" for name, path, *_ in agents))
+    rows = {}
+    for name, _, cfg, model, tok, plan in [('random', *agents[0][1:5], False), *agents]:  # random: runs no model
+        device = device_setup(cfg)[0]
+        t0 = time.time()
+        rows[name] = evaluate(model.to(device), tok if tok is None else tok.to(device), cfg, games, n, plan=plan,
+                              batch=args['batch'] or None, vector=args['vector'],
+                              max_seconds=args['max_seconds'] or None, verbose=True, freeze=True,
+                              policy='random' if name == 'random' else 'model')
+        print(f"played {name}: {n} episodes per game in {time.time() - t0:.0f}s", flush=True)
+    table, stats, verdicts = score_table(rows)
+    print(table + ''.join(f'\n{v}' for v in verdicts or ['no agent beats random (95% CIs overlap)']))
+    summary = {name: summarize(returns, plan=False, cut=cut)[1] for name, (returns, cut) in rows.items()}
+    for name, s in summary.items():  # the paper's aggregate, over the games whose episodes all ended at game over
+        if 'iqm_hns' in s:
+            lo, hi = s['ci95_iqm_hns']
+            print(f"{name}: IQM HNS {s['iqm_hns']:.3f} (95% CI {lo:.3f}..{hi:.3f}) over {s['games']} games")
+    if args['out']:
+        info = {name: dict(ckpt=path, agent='scaled_ql' if tok is None else cfg.objective, preset=cfg.preset,
+                           plan=plan) for name, path, cfg, _, tok, plan in agents}
+        with open(args['out'], 'w') as f:
+            json.dump(dict(compare=paths, games=games, episodes=n, epsilon=cli.epsilon, max_steps=cli.max_steps,
+                           agents=info, rows=stats, summary=summary, verdicts=verdicts), f, indent=1)
+        print(f"wrote {args['out']}")
 
 # -----------------------------------------------------------------------------
 # aggregation (B§8.2): per-game mean raw score -> HNS / DNS; IQM = mean of the middle 50% (scipy trim_mean(x, 0.25))
@@ -288,10 +413,12 @@ def bootstrap_ci(x, n_boot=2000, seed=0):
 
 def score_table(rows):
     """rows {policy: (returns, cut)} as evaluate() gives them, every policy on the same games and seeds ->
-    (printable table, {policy: {game: stats}}, verdict lines). A policy beats random on a game when its 95% CI lies
+    (printable table, {policy: {game: stats}}, verdict lines). A row's name is a policy ('random', 'greedy', 'plan')
+    or an agent (compare: 'JOWA tiny greedy', 'Scaled-QL tiny'). A policy beats random on a game when its 95% CI lies
     wholly above the random row's; a mean over capped episodes is not a game score, so HNS is only printed for
     games whose episodes all ended at game over."""
-    lines = [f"{'game':>14} {'policy':>8} {'episodes':>8} {'mean':>9} {'95% CI':>19} {'std':>8} {'HNS':>7}  note"]
+    w = max([8, *map(len, rows)])  # the policy column fits the longest row name
+    lines = [f"{'game':>14} {'policy':>{w}} {'episodes':>8} {'mean':>9} {'95% CI':>19} {'std':>8} {'HNS':>7}  note"]
     stats = {}
     for policy, (returns, cut) in rows.items():
         for g, r in returns.items():
@@ -305,7 +432,7 @@ def score_table(rows):
             st = stats[policy][g]
             hns = f"{st['hns']:7.3f}" if st['hns'] is not None else ' ' * 7
             note = f"{st['cut']} of {st['episodes']} cut by a step/time cap" if st['cut'] else ''
-            lines.append(f"{g:>14} {policy:>8} {st['episodes']:>8} {st['mean']:>9.1f} "
+            lines.append(f"{g:>14} {policy:>{w}} {st['episodes']:>8} {st['mean']:>9.1f} "
                          f"{'(%.1f, %.1f)' % tuple(st['ci95']):>19} {st['std']:>8.1f} {hns}  {note}")
     verdicts = []
     if 'random' in rows:
@@ -514,24 +641,33 @@ def report(model, tokenizer, cfg, games, out_dir, heldout, log=None, episodes=16
 def main(argv):
     """The command line (module docstring); bad input exits with one 'error: ...' line before any environment starts."""
     extra = dict(ckpt='', games='Assault,Pong', episodes=16, no_plan=False, batch=0, vector=True, max_seconds=0.0,
-                 out='', video='', report='', heldout='')
+                 out='', video='', report='', heldout='', compare='')
     cli, args = parse_args(argv, extra, dict(episodes='>0', batch='>=0', max_seconds='>=0', out='file', video='file',
                                              report='dir'))
     if args['video'] and not args['video'].endswith(('.npy', '.mp4', '.avi')):
         raise SystemExit(f"error: --video={args['video']}: the file must end in .npy, .mp4 or .avi")
     given = {a[2:].partition('=')[0].replace('-', '_') for a in argv}
     overrides = {k: getattr(cli, k) for k in ('horizon', 'beam', 'context', 'epsilon', 'max_steps', 'dtype', 'device',
-                                             'compile') if k in given}  # onto the checkpoint's own config
+                                             'compile', 'planner', 'mcts_simulations', 'mcts_temperature')
+                 if k in given}  # onto the checkpoint's own config
+    if cli.planner == 'mcts' and 'horizon' not in given:  # eval_MCTS.sh: H 6 (max depth 5), not the beam's 2
+        overrides['horizon'] = 6
     groups = {'pretrain': list(PRETRAIN_GAMES), 'heldout': list(HELDOUT_GAMES)}
     games = groups.get(args['games'], args['games'].split(','))
+    if args['compare']:  # the random policy and several agents in one score table (compare)
+        return compare(args['compare'].split(','), games, cli, args, overrides)
     try:
         if not args['ckpt']:
             raise ValueError("--ckpt is required (our ckpt.pt, or tokenizer.pt,JOWA_<size>.pt, or a directory)")
         check_games(games)
-        cfg, model, tokenizer = load_checkpoint(args['ckpt'], **overrides)
+        import scaled_ql
+        agent = scaled_ql.load(args['ckpt'], games, **overrides)  # a Scaled-QL checkpoint (script 'scaled_ql')?
+        cfg, model, tokenizer = (*agent, None) if agent else load_checkpoint(args['ckpt'], **overrides)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    device = ('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device
+    device = device_setup(cfg)[0]
+    if agent:  # model-free: greedy, the same protocol (section above)
+        return play_model_free(model.to(device), cfg, games, args, device)
     model, tokenizer = model.to(device), tokenizer.to(device)
     if args['report']:  # evidence per stage instead of one score table (module docstring)
         if not args['heldout']:
@@ -543,7 +679,9 @@ def main(argv):
         return
     plan = not args['no_plan'] and cfg.objective != 'bc'  # MTBC is a policy: no world model to plan with
     settings = {g: dict(zip(('beam', 'horizon', 'context'), game_settings(cfg, g, plan))) for g in games}
-    print(f"{cfg.preset} model on {device}, {args['episodes']} episodes per game; " +
+    mcts = f", MCTS {cfg.mcts_simulations} simulations T {cfg.mcts_temperature} max depth H - 1" if plan and \
+        cfg.planner == 'mcts' else ''
+    print(f"{cfg.preset} model on {device}, {args['episodes']} episodes per game{mcts}; " +
           ', '.join(f"{g} H={s['horizon']} K={s['beam']} context={s['context']}" for g, s in settings.items()))
     returns, cut = evaluate(model, tokenizer, cfg, games, args['episodes'], plan=plan, batch=args['batch'] or None,
                        vector=args['vector'], max_seconds=args['max_seconds'] or None, video=args['video'] or None,
@@ -552,8 +690,8 @@ def main(argv):
     print(table)
     if args['out']:
         with open(args['out'], 'w') as f:
-            json.dump(dict(ckpt=args['ckpt'], preset=cfg.preset, plan=plan, settings=settings, returns=returns, cut=cut,
-                           summary=summary), f, indent=1)
+            json.dump(dict(ckpt=args['ckpt'], preset=cfg.preset, plan=plan, planner=cfg.planner, settings=settings,
+                           returns=returns, cut=cut, summary=summary), f, indent=1)
         print(f"wrote {args['out']}")
 
 

@@ -10,7 +10,8 @@ segments. Evaluation every epoch without planning; the best snapshot is kept in 
     python finetune.py --init=tokenizer.pt,JOWA_150M.pt --game=Pong --data=finetune   # processed dir (data.py process)
     python finetune.py --out_dir=out/finetune --resume                        # continue exactly; flags given win
 
-Imagined segment (H = 2) from real steps O0..O7 (actions A, rewards R) and the planner's best path a1 r1 o1, a2 r2 o2:
+Imagined segment (H = 2; plan.imagine, which train.py --imagine shares) from real steps O0..O7 (actions A, rewards
+R) and the planner's best path a1 r1 o1, a2 r2 o2:
     slot     0   1   2   3   4   5   6   7
     frame    O2  O3  O4  O5  O6  O7  o1  o2      o1, o2 decoded by the tokenizer, in [0, 1] like the real frames
     action   A2  A3  A4  A5  A6  a1  a2  a2      the last a2 is a dummy (the official choice)
@@ -23,17 +24,17 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 import data
 from evaluate import evaluate
-from model import (ARCH_FIELDS, JOWAConfig, REF_SCORES, action_mask, configure_optimizer, load_checkpoint,
-                   normalized_score, parse_args, read_checkpoint, remove_temp_files, save_checkpoint, task_id)
-from plan import Planner, make_context
+from model import (ARCH_FIELDS, REF_SCORES, action_mask, configure_optimizer, device_setup, load_checkpoint,
+                   merge_resumed, normalized_score, parse_args, read_checkpoint, remove_temp_files, save_checkpoint,
+                   task_id)
+from plan import Planner, Replay, imagine  # the imagination code train.py --imagine shares
 from tokenizer import load_lpips_weights
 
 DEFAULTS = dict(init='', game='Pong', data='', out_dir='out/finetune', resume=False,
@@ -79,65 +80,6 @@ def prepare_data(src, game, out_dir, transitions, ckpts, seed=0):
     return out
 
 
-@torch.no_grad()
-def imagine(planner, tokenizer, batch, horizon=2, beam=2):
-    """B§7.5, aligned and normalised: roll every eligible segment of `batch` `horizon` steps on from its last T - H
-    real blocks; return the imagined segments (layout in the module docstring), or None if none is eligible.
-    Observations stay in the batch's form: frames in [0, 1], or tokens (the imagined frames re-encoded)."""
-    n = batch['actions'].shape[1] - horizon
-    ok = batch['mask_padding'][:, -n:].all(1) & (batch['ends'][:, -1] == 0)
-    if not ok.any():
-        return None
-    obs, act, rew = (batch[k][ok][:, -n:] for k in ('observations', 'actions', 'rewards'))
-    tasks = batch['envs'][ok]
-    frames = obs.is_floating_point()
-    ctx = make_context(tokenizer.encode(obs) if frames else obs, act)  # (B, n*37-1): ends with O_{T-1}, A_{T-1} dropped
-    path = planner(ctx, torch.full_like(tasks, ctx.shape[1]), tasks, beam=beam, horizon=horizon)
-    new = tokenizer.decode(path['obs']).float().mul(255).round().div(255)  # images on the 8-bit grid, as stored
-    a = path['actions']
-    actions = torch.cat([act[:, :-1], a, a[:, -1:]], 1)  # (B, T)
-    return dict(observations=torch.cat([obs, new if frames else tokenizer.encode(new)], 1), actions=actions,
-                rewards=torch.cat([rew[:, :-1], path['rewards'].to(rew.dtype), rew.new_zeros(len(a), 1)], 1),
-                ends=torch.zeros_like(actions), mask_padding=torch.ones_like(actions, dtype=torch.bool), envs=tasks,
-                real=torch.zeros_like(tasks, dtype=torch.bool))
-
-
-class Replay:
-    """FIFO of imagined segments on the CPU (B§7.5): tokens, or frames as uint8 (divided by 255 again when drawn)."""
-
-    def __init__(self, capacity, seed=0):
-        self.capacity, self.data, self.next, self.size = capacity, None, 0, 0
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def push(self, seg):
-        seg = {k: v[-self.capacity:].cpu() for k, v in seg.items()}
-        if seg['observations'].is_floating_point():
-            seg['observations'] = seg['observations'].mul(255).round().to(torch.uint8)
-        if self.data is None:  # torch.empty: memory pages are only touched as the FIFO fills
-            self.data = {k: torch.empty(self.capacity, *v.shape[1:], dtype=v.dtype) for k, v in seg.items()}
-        idx = (self.next + torch.arange(len(seg['envs']))) % self.capacity
-        for k, v in seg.items():
-            self.data[k][idx] = v
-        self.next, self.size = int(idx[-1] + 1) % self.capacity, min(self.size + len(idx), self.capacity)
-
-    def sample(self, n):
-        idx = torch.randint(self.size, (n,), generator=self.gen)
-        b = {k: v[idx] for k, v in self.data.items()}
-        obs = b['observations']
-        return dict(b, observations=obs.float().div(255) if obs.dtype == torch.uint8 else obs)
-
-    def state_dict(self):
-        return dict(data=self.data and {k: v[:self.size].clone() for k, v in self.data.items()}, next=self.next,
-                    size=self.size, gen=self.gen.get_state())
-
-    def load_state_dict(self, s):
-        self.next, self.size, self.data = 0, 0, None
-        if s['data'] is not None:
-            self.push(s['data'])  # rows 0..size-1, already uint8 frames or tokens
-        self.next, self.size = s['next'], s['size']
-        self.gen.set_state(s['gen'])
-
-
 def finetune(argv):
     # -------------------------------------------------------------------------
     # config: the checkpoint's, then the fine-tuning defaults (new runs), then the command line
@@ -153,27 +95,21 @@ def finetune(argv):
     if args['resume']:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"nothing to resume: {ckpt_path} does not exist")
-        state = read_checkpoint(ckpt_path, 'finetune')
-        for k in ('game', 'train_tokenizer'):  # the data and the replay's observations depend on them
-            if k in given and args[k] != state['args'][k]:
-                raise ValueError(f"--{k} cannot change when resuming (the run used {state['args'][k]!r})")
-        args.update({k: v for k, v in state['args'].items() if k not in given})
+        state = read_checkpoint(ckpt_path, 'finetune')  # the data and the replay depend on game, train_tokenizer
+        cfg, args = merge_resumed(cli, args, given, state, (*ARCH_FIELDS, 'game', 'train_tokenizer'))
     elif not args['init']:
         raise ValueError("--init=<checkpoint> is required: our ckpt.pt, or the official 'tokenizer.pt,JOWA_150M.pt'")
-    cfg, model, tokenizer = load_checkpoint(ckpt_path if state else args['init'])
-    for k, v in ({} if state else FINETUNE).items():
-        setattr(cfg, k, v)
-    for k in sorted(given & {f.name for f in fields(JOWAConfig)}):
-        if k in ARCH_FIELDS and getattr(cli, k) != getattr(cfg, k):
-            raise ValueError(f"--{k}={getattr(cli, k)} differs from the checkpoint's {getattr(cfg, k)!r} (fixed by it)")
-        setattr(cfg, k, getattr(cli, k))
+    loaded, model, tokenizer = load_checkpoint(ckpt_path if state else args['init'])
+    if not state:  # the initial weights' config with the fine-tuning recipe, then this command line's fields
+        cfg = merge_resumed(cli, {}, given, dict(config={**asdict(loaded), **FINETUNE}, args={}))[0]
+    for k, v in asdict(cfg).items():  # into the model's own config object: its losses read model.cfg
+        setattr(loaded, k, v)
+    cfg = loaded
     game, T = args['game'], cfg.max_blocks
     task_id(game), action_mask(game)  # an unknown game fails here, before any work
     if args['imagine'] and not 0 < args['imagine_horizon'] < T:
         raise ValueError(f"--imagine_horizon must be in 1..{T - 1}")
-    device = ('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device
-    dtype = ('bfloat16' if device.startswith('cuda') else 'float32') if cfg.dtype == 'auto' else cfg.dtype
-    autocast = nullcontext() if dtype == 'float32' else torch.autocast(torch.device(device).type, getattr(torch, dtype))
+    device, dtype, autocast = device_setup(cfg)
     torch.manual_seed(cfg.seed)
 
     # -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import ast
 import math
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, asdict
 
 import torch
@@ -59,6 +60,8 @@ class JOWAConfig:
     lr_tokenizer: float = 1e-4   # Adam
     tok_restart: int = 0       # stage-1 steps between restarts of unused codebook codes (0 = none, as official)
     tok_perceptual: float = 1.0  # weight of the LPIPS term (official 1; 0 skips LPIPS-VGG, most of a CPU step)
+    tok_fg_weight: float = 0.0   # extra L1 weight of pixels off the frame's background grey (0 = official): with
+                                 # sparse sprites on black, a short training otherwise learns black frames
     lr_world1: float = 1e-4      # AdamW, stage 1
     lr_world2: float = 5e-5      # AdamW, stage 2 and fine-tuning
     lr_critic: float = 5e-5      # AdamW, Q head
@@ -70,7 +73,10 @@ class JOWAConfig:
     dtype: str = 'auto'        # 'auto' = bfloat16 on CUDA, float32 on CPU; or float32 / bfloat16
     compile: bool = False
     # --- planning / evaluation (B§7, B§8)
-    horizon: int = 2           # beam-search depth H (0 = greedy Q policy)
+    horizon: int = 2           # beam-search depth H (0 = greedy Q policy); MCTS: max tree depth H - 1
+    planner: str = 'beam'      # 'beam' (the paper's) or 'mcts' (its Table 5 comparison, plan.MCTS)
+    mcts_simulations: int = 20  # MCTS simulations per decision (official eval_MCTS.sh)
+    mcts_temperature: float = 0.9  # MCTS priors softmax(Q / T) (official eval_MCTS.sh)
     beam: int = 0              # beam width K (0 = per-game official table)
     context: int = 0           # context blocks at decision time (0 = per-game official table)
     epsilon: float = 0.001     # probability of a random valid action at evaluation
@@ -98,6 +104,32 @@ PRESETS = {
     'tiny': dict(n_layer=2, n_head=4, n_embd=64, q_hidden=32, num_q=2, tok_ch=32, tok_embed_dim=64, obs_vocab=512,
                  batch_size=16, micro_batch=16, tok_batch=64, stage1_steps=300, stage2_steps=300, target_update=100),
 }
+
+
+def device_setup(cfg, device=None):
+    """The one resolution of cfg.device and cfg.dtype for every script: (device str, dtype name, autocast context).
+    'auto' device: CUDA if there is one, else the CPU; 'auto' dtype: bfloat16 autocast on CUDA (the official
+    recipe), float32 on the CPU. `device`: one already chosen (a DDP rank's, a model's) instead of cfg.device."""
+    if device is None:
+        device = ('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device
+    kind = torch.device(device).type
+    dtype = ('bfloat16' if kind == 'cuda' else 'float32') if cfg.dtype == 'auto' else cfg.dtype
+    amp = nullcontext() if dtype == 'float32' else torch.autocast(kind, dtype=getattr(torch, dtype))
+    return str(device), dtype, amp
+
+
+def merge_resumed(cfg, args, given, ckpt, fixed=ARCH_FIELDS):
+    """The one resume rule of train.py, finetune.py and scaled_ql.py: the checkpoint's config and settings, except
+    what this command line gives again (`given`: the keys it names; cfg, args: as parsed). A key of `fixed` given
+    with another value than the saved one is an error: the weights fix the architecture, and a saved state may
+    depend on a setting. Returns (cfg, args)."""
+    now, saved = {**asdict(cfg), **args}, {**ckpt['config'], **ckpt['args']}
+    for k in sorted(given & set(fixed)):
+        if k in saved and now[k] != saved[k]:
+            raise ValueError(f"--{k}={now[k]} differs from the checkpoint's {saved[k]!r} (fixed by it)")
+    cfg = JOWAConfig(**{**ckpt['config'], **{k: v for k, v in asdict(cfg).items() if k in given}})
+    once = {'resume', 'stop_at', 'init_from'}  # this command's own, never the saved run's
+    return cfg, {**args, **{k: v for k, v in ckpt['args'].items() if k not in given | once}}
 
 
 def make_config(preset='40M', **overrides):
@@ -168,9 +200,10 @@ CONFIG_RULES = dict(
     dropout='[0,1)', q_dropout='[0,1)', gamma='(0,1]', cql_weight='>=0', world_weight='>=0', td_loss=('c51', 'mse'),
     q_penalty=('cql', 'combo', 'none'), objective=('jowa', 'bc'),
     batch_size='>0', micro_batch='>0', stage1_steps='>=0', stage2_steps='>=0', tok_batch='>0', tok_restart='>=0',
-    tok_perceptual='>=0', lr_tokenizer='>0', lr_world1='>0', lr_world2='>0', lr_critic='>0', weight_decay='>=0',
-    grad_clip='>0', target_update='>0', dtype=('auto', 'float32', 'bfloat16', 'float16'), horizon='>=0',
-    beam='>=0', context='>=0', epsilon='[0,1]', max_steps='>0')
+    tok_perceptual='>=0', tok_fg_weight='>=0', lr_tokenizer='>0', lr_world1='>0', lr_world2='>0', lr_critic='>0',
+    weight_decay='>=0', grad_clip='>0', target_update='>0', dtype=('auto', 'float32', 'bfloat16', 'float16'), horizon='>=0',
+    beam='>=0', context='>=0', epsilon='[0,1]', max_steps='>0', planner=('beam', 'mcts'), mcts_simulations='>0',
+    mcts_temperature='>0')
 
 
 def writable(path, folder):

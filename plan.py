@@ -16,6 +16,17 @@ H = 0 is the greedy Q policy.
 
 Keys/values are stored once per group of rows that share them: the context once per environment (prefilled), the
 imagined blocks of a parent once for its K children, and only the block being decoded once per candidate.
+
+MCTS (after Planner; the paper's Table 5 comparison) is MuZero-style tree search on the same world steps, batched
+over environments: one world step per simulation for all of them.
+
+    out = MCTS(model)(ctx, ctx_len, tasks, horizon=6, simulations=20, temperature=0.9)   # out['action'] (N,)
+
+Imagination (at the end; B§7.5) turns the planner into training data: `imagine` rolls real segments on in the world
+model (beam search, or epsilon-greedy w.r.t. the critic: Planner with beam 1 and epsilon), `Replay` is the FIFO of
+the imagined segments. finetune.py and train.py --imagine both use them.
+
+    seg = imagine(planner, tokenizer, batch, horizon=4, epsilon=0.1)       # or horizon=2, beam=2 (fine-tuning)
 """
 import torch
 import torch._dynamo
@@ -318,8 +329,37 @@ class Planner:
                 x[rows, j + 1] = obs[:, 0]
         return x[:, 1:], rew, end, self.model.q_values(hq, tasks)
 
+    def linears(self, dev):
+        """The compute dtype on device dev (autocast's, else the weights') and the linears for the model's forward
+        (PackedLinears in eval mode where available, else None: its own); refreshes self.lin, decode's linears."""
+        model = self.model
+        amp = torch.is_autocast_enabled(dev.type)
+        dtype = torch.get_autocast_dtype(dev.type) if amp else model.pos_emb.weight.dtype
+        if self.packed is not None:
+            self.lin = self.packed.refresh(dtype) if PackedLinears.available(dev, dtype) else linear
+        return dtype, self.lin if self.lin is not linear and not model.training else None
+
+    def prefill(self, ctx, ctx_len, tasks, blocks):
+        """Prefill the contexts (as for __call__) into a KV cache in the compute dtype, leaving room for `blocks`
+        imagined blocks (else ValueError). Causal attention from position 0; hidden states only at the last 37
+        positions. Returns dtype, Tp (the context's key slots), h (N, 37, E) those hidden states (for first_guess),
+        the root Q (N, A) at the last obs token and the context's key group (k, v, bias): the keys once per
+        environment (L, N, nh, Tp, hd), imagined blocks are stored apart; bias (N, 1, 1, Tp) -inf on the padding."""
+        model, cfg, N, dev = self.model, self.model.cfg, ctx.shape[0], ctx.device
+        T, (dtype, lin) = cfg.tokens_per_block, self.linears(dev)
+        Tp = cfg.max_tokens - T * blocks  # the context must leave room for the imagined blocks
+        if ctx.shape[1] > Tp:
+            raise ValueError(f"a context of {ctx.shape[1]} tokens leaves no room for {blocks} imagined blocks "
+                             f"(at most {Tp} tokens: {cfg.max_blocks - blocks} blocks)")
+        cache = KVCache(cfg, N, dev, dtype, length=Tp)
+        last = (ctx_len[:, None] - T + torch.arange(T, device=dev)).clamp(min=0)  # (N, 37)
+        h = model(ctx, tasks, cache=cache, lin=lin, rows=last)
+        bias = torch.zeros(N, 1, 1, Tp, device=dev, dtype=dtype).masked_fill(
+            (torch.arange(Tp, device=dev) >= ctx_len[:, None])[:, None, None], float('-inf'))
+        return dtype, Tp, h, model.q_values(h[:, -1], tasks), (cache.k, cache.v, bias)
+
     @torch.no_grad()
-    def __call__(self, ctx, ctx_len, tasks, beam=2, horizon=2, trace=False, guess=None):
+    def __call__(self, ctx, ctx_len, tasks, beam=2, horizon=2, trace=False, guess=None, epsilon=0.0, noise=None):
         """ctx (N, T) long: right-padded contexts of ctx_len (N,) tokens (n*37 - 1 each, n may differ); tasks (N,);
         beam: int or (N,) widths K; horizon: H (static). guess: None or (N, 36) long, a guess of the first imagined
         frame for Jacobi decoding (e.g. the previous decision's obs[:, 0] when its action was taken; -1 rows: none,
@@ -327,48 +367,37 @@ class Planner:
         (N, A) root Q and, for H > 0, the best path: value (N,) its score, actions (N, H), rewards (N, H), ends (N,
         H), obs (N, H, 36). trace=True adds 'trace': per depth a dict of every candidate's actions, rewards, ends, q,
         obs, score and valid, shaped (N, C, ...) in the official order (parents by descending score, each parent's
-        actions by descending Q)."""
+        actions by descending Q). epsilon > 0, beam 1: an epsilon-greedy rollout w.r.t. the critic instead of a search
+        (pretraining imagination, see imagine; epsilon 0 with beam 1 is the greedy rollout): at depth d row n plays a
+        random valid action, the argmax of noise[n, d-1, 1:] over its valid actions, where noise[n, d-1, 0] < epsilon,
+        else its best by Q; noise (N, H, 1 + A) uniform in [0, 1) (None: drawn from torch's RNG)."""
         model, cfg = self.model, self.model.cfg
         N, dev, H, A, T = ctx.shape[0], ctx.device, horizon, cfg.num_actions, cfg.tokens_per_block
         K = torch.as_tensor(beam, device=dev).expand(N)
         ar = torch.arange(N, device=dev)
-        amp = torch.is_autocast_enabled(dev.type)  # the compute dtype
-        dtype = torch.get_autocast_dtype(dev.type) if amp else model.pos_emb.weight.dtype
-        if self.packed is not None:
-            self.lin = self.packed.refresh(dtype) if PackedLinears.available(dev, dtype) else linear
-        lin = self.lin if self.lin is not linear and not model.training else None  # the forward's linears too
         if H == 0:  # greedy: one forward (right padding is invisible to earlier positions under causal attention)
+            lin = self.linears(dev)[1]
             q = model.q_values(model(ctx, tasks, lin=lin, rows=ctx_len[:, None] - 1)[:, 0], tasks)
             return dict(action=q.argmax(-1), q=q)
         if guess is not None and (guess.shape != (N, cfg.obs_tokens) or guess.is_floating_point()
                                   or bool((guess >= cfg.obs_vocab).any())):
             raise ValueError(f"guess: expected integer tokens below {cfg.obs_vocab} shaped ({N}, {cfg.obs_tokens}), "
                              f"got {tuple(guess.shape)} {guess.dtype}")
+        if epsilon:
+            if bool((K != 1).any()):
+                raise ValueError("epsilon-greedy plays one action per step: beam must be 1")
+            noise = torch.rand(N, H, 1 + A, device=dev) if noise is None else noise.to(dev)
         if self.compiled and N & (N - 1):  # pad to a power of two (copies of row 0): few shapes to compile
             n2 = 1 << (N - 1).bit_length()
-            pad = lambda t: torch.cat([t, t[:1].expand(n2 - N, *t.shape[1:])])
-            out = self(pad(ctx), pad(ctx_len), pad(tasks), pad(K), H, trace, None if guess is None else pad(guess))
+            pad = lambda t: None if t is None else torch.cat([t, t[:1].expand(n2 - N, *t.shape[1:])])
+            out = self(pad(ctx), pad(ctx_len), pad(tasks), pad(K), H, trace, pad(guess), epsilon, pad(noise))
             cut = lambda v: v[:N] if torch.is_tensor(v) else [{k: t[:N] for k, t in d.items()} for d in v]
             return {k: cut(v) for k, v in out.items()}
-        Tp = cfg.max_tokens - T * H  # the context must leave room for H imagined blocks
-        if ctx.shape[1] > Tp:
-            raise ValueError(f"a context of {ctx.shape[1]} tokens leaves no room for {H} imagined blocks "
-                             f"(at most {Tp} tokens: {cfg.max_blocks - H} blocks)")
+        dtype, Tp, h, q, ctx_kv = self.prefill(ctx, ctx_len, tasks, H)  # root Q (N, A)
         has_guess = guess is not None and bool((guess >= 0).any())
         Kmax = min(int(K.max()), A)  # one static width for the batch; narrower environments mask their extra slots
         keff = torch.minimum(K, model.valid[tasks].sum(-1))  # B§7.2: K_eff = min(K, number of valid actions)
         slots, obs_idx = torch.arange(Kmax, device=dev), torch.arange(cfg.obs_tokens, device=dev)
-
-        # prefill the contexts into a KV cache in the compute dtype; root Q at the last obs token
-        cache = KVCache(cfg, N, dev, dtype, length=Tp)  # the context's keys: imagined blocks are stored apart
-        # prefill: causal attention from position 0; hidden states (N, 37, E) only at the last 37 positions (for
-        # the first guess and the root Q)
-        last = (ctx_len[:, None] - T + torch.arange(T, device=dev)).clamp(min=0)  # (N, 37)
-        h = model(ctx, tasks, cache=cache, lin=lin, rows=last)
-        q = model.q_values(h[:, -1], tasks)  # (N, A)
-        ctx_kv = (cache.k, cache.v,  # (L, N, nh, Tp, hd)
-                  torch.zeros(N, 1, 1, Tp, device=dev, dtype=dtype).masked_fill(
-                      (torch.arange(Tp, device=dev) >= ctx_len[:, None])[:, None, None], float('-inf')))
 
         # beam state with P parents per environment (P = 1: the root)
         keep = lambda t, idx: t[ar[:, None], idx]  # (N, X, ...) rows idx (N, k) of every environment -> (N, k, ...)
@@ -380,6 +409,10 @@ class Planner:
             P = qs.shape[1]
             C, M = P * Kmax, N * P * Kmax
             acts = qs.topk(Kmax, -1).indices.view(N, C)  # each parent's best actions by descending Q
+            if epsilon:  # epsilon-greedy (C = 1): a uniformly random valid action where the coin says so
+                u = noise[:, d - 1]
+                rand = u[:, 1:].masked_fill(~model.valid[tasks], -1).argmax(-1, keepdim=True)
+                acts = torch.where(u[:, :1] < epsilon, rand, acts)
             ok = (alive[..., None] & (slots < keff[:, None, None])).view(N, C)
             few = 37 * M <= self.jacobi_rows  # few candidates: Jacobi decoding, and every row gets all its keys
             n = Tp + (anc_kv[0].shape[3] if anc_kv else 0)  # keys before this block's
@@ -428,3 +461,217 @@ class Planner:
         if trace:
             out['trace'] = traces
         return out
+
+
+class MCTS(Planner):
+    """MuZero-style Monte-Carlo tree search on the same world model (paper §5.6 and App. F; REFERENCE B§7.4, the
+    official src/MCTS.py), batched over environments: every simulation descends each environment's tree by pUCT and
+    plays the chosen leaf with ONE world_step for all N environments (simulations are sequential, environments are
+    not). Priors softmax(Q/T) over the valid actions, leaf value V = max_a Q(s, a), pUCT on min-max normalised
+    values, max depth D = H - 1 (eval_MCTS.sh: H 6, T 0.9, 20 simulations).
+
+        out = MCTS(model)(ctx, ctx_len, tasks, horizon=6, simulations=20, temperature=0.9)
+        out['action']                          # (N,) full action ids; out['visits'], out['values']: root children
+
+    Departures from the official code (its bugs, REFERENCE B§10.2, or choices that make it ignore its inputs):
+    V is always the max (its use_mean averages -inf Q of invalid actions); UCB ties go to the higher prior, then the
+    lower action id (the official takes the larger id, so its first simulation, where sqrt(N_root) = 0 zeroes every
+    prior term, picks the largest valid id whatever Q says; here it picks the greedy action); the final action is
+    chosen among visited valid root children by r + gamma * value (the official compares value alone, dropping the
+    first reward, and scores unvisited children 0, so it can return an untried or invalid action)."""
+    pb_c_base, pb_c_init = 19652, 1.25  # MuZero's pUCT constants (the official defaults)
+
+    def ucb(self, t, node, valid):
+        """pUCT scores (N, A) of the children of node (N,) in tree t; -inf on invalid actions (prior 0)."""
+        ar, gamma = torch.arange(len(node), device=node.device), self.model.cfg.gamma
+        n_parent, ids = t['visits'][ar, node], t['child'][ar, node]  # (N,), (N, A)
+        n, r, vsum = (t[k].gather(1, ids.clamp(min=0)) for k in ('visits', 'reward', 'vsum'))  # (N, A) each
+        n = n * (ids >= 0)
+        q = r + gamma * vsum / n.clamp(min=1)  # the child's r + gamma * mean backed-up value
+        lo, hi = t['lo'][:, None], t['hi'][:, None]
+        q = torch.where(hi > lo, (q - lo) / (hi - lo), q)  # min-max normalised (raw while the bounds are equal)
+        c = torch.log((n_parent + self.pb_c_base + 1) / self.pb_c_base) + self.pb_c_init
+        prior = t['prior'][ar, node]
+        score = (n_parent.sqrt() * c)[:, None] * prior / (n + 1) + torch.where(n > 0, q, 0)
+        return score.masked_fill(~valid, float('-inf')), prior
+
+    @torch.no_grad()
+    def __call__(self, ctx, ctx_len, tasks, beam=None, horizon=6, guess=None, simulations=20, temperature=0.9):
+        """ctx (N, T) long: right-padded contexts of ctx_len (N,) tokens; tasks (N,); horizon H: max depth H - 1 (at
+        least 1, as in the official code, whose depth check follows the first step; H = 0 is the greedy policy); beam
+        is ignored (the same call as Planner); guess: as for Planner (Jacobi's first draft only). Returns a dict:
+        action (N,), q (N, A) root Q, visits and values (N, A) of the root children (values r + gamma * mean value,
+        -inf where unvisited), value (N,) the chosen child's, and its step: actions (N, 1), rewards (N, 1), obs (N, 1,
+        36) (evaluate.py's next first guess)."""
+        if horizon == 0:
+            return super().__call__(ctx, ctx_len, tasks, horizon=0)
+        model, cfg = self.model, self.model.cfg
+        N, dev, A, T, S = ctx.shape[0], ctx.device, cfg.num_actions, cfg.tokens_per_block, simulations
+        D, gamma, ar = max(horizon - 1, 1), cfg.gamma, torch.arange(N, device=dev)
+        L, nh, hd = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+        dtype, _, h, q, ctx_kv = self.prefill(ctx, ctx_len, tasks, D)  # root Q (N, A), -inf on invalid actions
+        valid = model.valid[tasks]  # (N, A)
+
+        # the trees: node 0 is the root, simulation s adds node s + 1 (or replays a node at the depth bound)
+        n = S + 1
+        t = dict(child=torch.full((N, n, A), -1, dtype=torch.long, device=dev),  # node of (node, action); -1: none
+                 prior=torch.zeros(N, n, A, device=dev), visits=torch.zeros(N, n, device=dev),
+                 vsum=torch.zeros(N, n, device=dev), reward=torch.zeros(N, n, device=dev),  # of the step into it
+                 lo=torch.full((N,), float('inf'), device=dev), hi=torch.full((N,), float('-inf'), device=dev))
+        t['prior'][:, 0] = (q.float() / temperature).softmax(-1)  # invalid actions: prior 0
+        obs = ctx.new_zeros(N, n, cfg.obs_tokens)  # each node's frame: its children's Jacobi draft
+        obs[:, 0] = self.first_guess(ctx, ctx_len, h, guess)
+        node_kv = [torch.zeros(L, N, n, nh, T, hd, device=dev, dtype=dtype) for _ in range(2)]  # each node's block
+        for s in range(S):
+            # selection: from the root by pUCT while the chosen child exists, at most D steps
+            node, go = torch.zeros_like(ar), torch.ones(N, dtype=torch.bool, device=dev)
+            parent, act, depth = torch.zeros_like(ar), torch.zeros_like(ar), torch.zeros_like(ar)
+            path = torch.full((N, D + 1), -1, dtype=torch.long, device=dev)  # node ids root .. leaf, then -1
+            path[:, 0] = 0
+            for d in range(1, D + 1):
+                score, prior = self.ucb(t, node, valid)
+                best = score == score.max(-1, keepdim=True).values
+                a = torch.where(best, prior, -1).argmax(-1)  # ties: the higher prior, then the lower id
+                ch = t['child'][ar, node, a]
+                parent, act = torch.where(go, node, parent), torch.where(go, a, act)
+                depth = torch.where(go, d, depth)
+                path[:, d] = torch.where(go, ch, -1)
+                go = go & (ch >= 0)  # a new leaf stops the descent
+                node = torch.where(go, ch, node)
+            leaf = t['child'][ar, parent, act]
+            leaf = torch.where(leaf >= 0, leaf, s + 1)  # a new node, or the one replayed at the depth bound
+            path[ar, depth] = leaf
+
+            # one world step for all environments: keys = context, the parent's imagined blocks, this block
+            groups = [ctx_kv]
+            if D > 1:  # the leaf's ancestors at depths 1 .. depth - 1 (later slots masked)
+                anc = path[:, 1:D].clamp(min=0)  # (N, D - 1)
+                k, v = (kv[:, ar[:, None], anc].transpose(2, 3).flatten(3, 4) for kv in node_kv)  # (L, N, nh, ., hd)
+                used = torch.arange(1, D, device=dev) < depth[:, None]  # (N, D - 1)
+                bias = torch.zeros(N, 1, 1, D - 1, T, device=dev, dtype=dtype).masked_fill(
+                    ~used[:, None, None, :, None], float('-inf')).flatten(3)  # (N, 1, 1, (D - 1) * 37)
+                groups.append((k, v, bias))
+            k_new, v_new = (torch.zeros(L, N, nh, T, hd, device=dev, dtype=dtype) for _ in range(2))
+            groups.append((k_new, v_new, None))
+            jacobi, before = self.use_jacobi('mcts', N, 37 * N <= self.jacobi_rows), dict(self.stats)
+            o, r, _, qn = self.world_step(act, obs[ar, parent], ctx_len + T * (depth - 1), tasks, groups, jacobi)
+            if jacobi and ('mcts', N, False) in self.guess:
+                self.note_guess('mcts', N, before)
+
+            # expand the leaf: its step's reward, frame, keys and priors
+            t['child'][ar, parent, act] = leaf
+            t['reward'][ar, leaf], obs[ar, leaf] = r.float(), o
+            t['prior'][ar, leaf] = (qn.float() / temperature).softmax(-1)
+            for kv, new in zip(node_kv, (k_new, v_new)):
+                kv[:, ar, leaf] = new
+
+            # backup V = max_a Q(leaf, a) from the leaf to the root: value_sum += V, visits += 1, min-max bounds
+            # updated with the node's mean value, then V <- r_node + gamma * V (MuZero's backpropagate)
+            value = qn.float().max(-1).values  # (N,)
+            for d in range(D, -1, -1):
+                on, i = d <= depth, path[:, d].clamp(min=0)
+                t['vsum'][ar, i] += torch.where(on, value, 0)
+                t['visits'][ar, i] += on.float()
+                mean = t['vsum'][ar, i] / t['visits'][ar, i].clamp(min=1)
+                t['lo'] = torch.where(on, torch.minimum(t['lo'], mean), t['lo'])
+                t['hi'] = torch.where(on, torch.maximum(t['hi'], mean), t['hi'])
+                value = torch.where(on, t['reward'][ar, i] + gamma * value, value)
+
+        # the final action: the best root child by value (the official use_count=False; visit count is MuZero's
+        # other choice), here r + gamma * mean value over the visited children (invalid ones are never visited)
+        ids = t['child'][:, 0]  # (N, A)
+        visits, r, vsum = (t[k].gather(1, ids.clamp(min=0)) * (ids >= 0) for k in ('visits', 'reward', 'vsum'))
+        values = (r + gamma * vsum / visits.clamp(min=1)).masked_fill(visits == 0, float('-inf'))
+        action = values.argmax(-1)
+        pick = ids[ar, action]
+        return dict(action=action, q=q, visits=visits.long(), values=values, value=values[ar, action],
+                    actions=action[:, None], rewards=t['reward'][ar, pick][:, None], obs=obs[ar, pick][:, None])
+
+
+# -----------------------------------------------------------------------------
+# imagination: synthetic segments for training (finetune.py; train.py --imagine), shared by both scripts
+
+
+@torch.no_grad()
+def imagine(planner, tokenizer, batch, horizon=2, beam=2, epsilon=None, generator=None):
+    """B§7.5, aligned and normalised: roll every eligible segment of `batch` (its last T - H blocks real, the last
+    step not terminal) H = `horizon` steps on from its last T - H real blocks; return the imagined segments, or None
+    if none is eligible. The policy: beam search of width `beam` (epsilon None; fine-tuning), or epsilon-greedy
+    w.r.t. the critic (epsilon a number; the paper's pretraining ablation, Table 6): a random valid action with
+    probability epsilon (coins drawn from `generator`, a CPU torch.Generator, or torch's RNG), else the best by Q.
+    Layout, from real steps O_0 .. O_{T-1} (actions A, rewards R), n = T - H, and the policy's path a_i r_i o_i with
+    predicted terminations e_i (o_i decoded by the tokenizer onto the 8-bit grid):
+        slot     0 .. n-2               n-1        n .. T-2           T-1
+        frame    O_{T-n} .. O_{T-2}     O_{T-1}    o_1 .. o_{H-1}     o_H
+        action   A_{T-n} .. A_{T-2}     a_1        a_2 .. a_H         a_H  (a dummy, the official choice)
+        reward   R_{T-n} .. R_{T-2}     r_1        r_2 .. r_H         0
+        end      0                      e_1        e_2 .. e_H         0    (beam: all 0, as officially)
+    Epsilon-greedy, as officially: the slots after the first predicted end are padding (mask_padding False, zeroed
+    like real padding); mask_padding True otherwise, real False. The TD pairs are the transitions O_{T-n} -> ... ->
+    O_{T-1} -> o_1 -> ... -> o_H; the last slot has no successor in the window and gets no TD term. Observations stay
+    in the batch's form: frames in [0, 1], or tokens (the imagined frames re-encoded)."""
+    n = batch['actions'].shape[1] - horizon
+    ok = batch['mask_padding'][:, -n:].all(1) & (batch['ends'][:, -1] == 0)
+    if not ok.any():
+        return None
+    obs, act, rew = (batch[k][ok][:, -n:] for k in ('observations', 'actions', 'rewards'))
+    tasks = batch['envs'][ok]
+    frames = obs.is_floating_point()
+    ctx = make_context(tokenizer.encode(obs) if frames else obs, act)  # (B, n*37-1): ends with O_{T-1}, A_{T-1} dropped
+    kw = dict(beam=beam)
+    if epsilon is not None:  # one candidate per environment; coins drawn on the CPU (the same on every device)
+        A = planner.model.cfg.num_actions
+        kw = dict(beam=1, epsilon=epsilon, noise=torch.rand(len(tasks), horizon, 1 + A, generator=generator))
+    path = planner(ctx, torch.full_like(tasks, ctx.shape[1]), tasks, horizon=horizon, **kw)
+    new = tokenizer.decode(path['obs']).float().mul(255).round().div(255)  # images on the 8-bit grid, as stored
+    a, B = path['actions'], len(tasks)
+    seg = dict(observations=torch.cat([obs, new if frames else tokenizer.encode(new)], 1),
+               actions=torch.cat([act[:, :-1], a, a[:, -1:]], 1),  # (B, T)
+               rewards=torch.cat([rew[:, :-1], path['rewards'].to(rew.dtype), rew.new_zeros(B, 1)], 1))
+    seg['ends'] = torch.zeros_like(seg['actions'])
+    seg['mask_padding'] = torch.ones_like(seg['actions'], dtype=torch.bool)
+    if epsilon is not None:  # the world model's terminations: the episode ends at the first one
+        seg['ends'][:, n - 1:-1] = path['ends']
+        seg['mask_padding'] = seg['ends'].cumsum(1) - seg['ends'] == 0  # no end before the slot
+        pad = ~seg['mask_padding']
+        for k in ('observations', 'actions', 'rewards', 'ends'):
+            v = seg[k]
+            seg[k] = v.masked_fill(pad.view(*pad.shape, *[1] * (v.dim() - 2)), 0)
+    return dict(seg, envs=tasks, real=torch.zeros_like(tasks, dtype=torch.bool))
+
+
+class Replay:
+    """FIFO of imagined segments on the CPU (B§7.5): tokens, or frames as uint8 (divided by 255 again when drawn).
+    sample draws with the replay's generator, or a caller's (train.py: one per data stream)."""
+
+    def __init__(self, capacity, seed=0):
+        self.capacity, self.data, self.next, self.size = capacity, None, 0, 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def push(self, seg):
+        seg = {k: v[-self.capacity:].cpu() for k, v in seg.items()}
+        if seg['observations'].is_floating_point():
+            seg['observations'] = seg['observations'].mul(255).round().to(torch.uint8)
+        if self.data is None:  # torch.empty: memory pages are only touched as the FIFO fills
+            self.data = {k: torch.empty(self.capacity, *v.shape[1:], dtype=v.dtype) for k, v in seg.items()}
+        idx = (self.next + torch.arange(len(seg['envs']))) % self.capacity
+        for k, v in seg.items():
+            self.data[k][idx] = v
+        self.next, self.size = int(idx[-1] + 1) % self.capacity, min(self.size + len(idx), self.capacity)
+
+    def sample(self, n, generator=None):
+        idx = torch.randint(self.size, (n,), generator=self.gen if generator is None else generator)
+        b = {k: v[idx] for k, v in self.data.items()}
+        obs = b['observations']
+        return dict(b, observations=obs.float().div(255) if obs.dtype == torch.uint8 else obs)
+
+    def state_dict(self):
+        return dict(data=self.data and {k: v[:self.size].clone() for k, v in self.data.items()}, next=self.next,
+                    size=self.size, capacity=self.capacity, gen=self.gen.get_state())
+
+    def load_state_dict(self, s):
+        self.next, self.size, self.data = 0, 0, None
+        if s['data'] is not None:
+            self.push(s['data'])  # rows 0..size-1, already uint8 frames or tokens
+        self.next, self.size = s['next'], s['size']
+        self.gen.set_state(s['gen'])

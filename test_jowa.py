@@ -32,6 +32,7 @@ import evaluate
 import finetune
 import model as M
 import plan
+import scaled_ql
 import tokenizer
 from model import (JOWA, KVCache, PRESETS, VALID_ACTIONS, JOWAConfig, action_mask, c51_project, configure_optimizer,
                    convert_official_jowa, load_state, make_config, num_params, parse_args, save_checkpoint, task_id)
@@ -342,6 +343,29 @@ def test_stage1_leaves_q_head_out_of_the_graph():
     assert model.blocks[0].attn.c_attn.weight.grad is not None
 
 
+def test_device_setup_resolves_auto_and_explicit_dtypes():  # the one resolution every script uses
+    device, dtype, amp = M.device_setup(make_config('tiny', device='cpu'))
+    assert (device, dtype) == ('cpu', 'float32') and not isinstance(amp, torch.autocast)
+    device, dtype, amp = M.device_setup(make_config('tiny', dtype='bfloat16'), torch.device('cpu'))
+    assert (device, dtype) == ('cpu', 'bfloat16')
+    with amp:
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_merge_resumed_keeps_the_saved_run_except_what_is_given_again():
+    saved = make_config('tiny', lr_critic=1e-3, seed=3)
+    ckpt = dict(config=asdict(saved), args=dict(games='Pong', stop_at=5, resume=False, steps=100))
+    cli = make_config('tiny', lr_critic=2e-3, n_layer=2)
+    cfg, args = M.merge_resumed(cli, dict(games='Assault', stop_at=0, resume=True, steps=7), {'lr_critic', 'steps',
+                                                                                           'resume', 'n_layer'}, ckpt)
+    assert (cfg.lr_critic, cfg.seed, cfg.n_layer) == (2e-3, 3, 2)  # given again wins; the rest is the saved run's
+    assert args == dict(games='Pong', stop_at=0, resume=True, steps=7)  # stop_at and resume: this command's own
+    with pytest.raises(ValueError, match=r"--n_layer=3 differs from the checkpoint's 2 \(fixed by it\)"):
+        M.merge_resumed(make_config('tiny', n_layer=3), {}, {'n_layer'}, ckpt)
+    with pytest.raises(ValueError, match="--games=Assault differs"):
+        M.merge_resumed(cli, dict(games='Assault'), {'games'}, ckpt, fixed=('games',))
+
+
 def test_checkpoint_round_trip(tmp_path):
     from model import load_checkpoint
     from tokenizer import Tokenizer
@@ -526,6 +550,23 @@ def test_straight_through_and_overfit():  # B§1.6-1.7 without LPIPS (tiny prese
             opt.step()
             losses.append(loss.item())
     assert losses[-1] < 0.95 * losses[0], losses
+
+
+def test_foreground_weight_known_answer():  # tok_fg_weight: the pixels off the frame's background grey weigh 1 + w
+    x = torch.full((2, 1, 84, 84), 0.2)  # grey backgrounds with a bright 3x3 sprite and a dark 2x2 one
+    x[0, 0, 10:13, 20:23], x[1, 0, 50:52, 60:62] = 0.9, 0.0
+    sprite = torch.zeros_like(x, dtype=torch.bool)
+    sprite[0, 0, 10:13, 20:23] = sprite[1, 0, 50:52, 60:62] = True
+    terms = {}
+    for w in (0.0, 4.0):
+        torch.manual_seed(0)  # the same weights: only the loss's weighting differs
+        tok = Tokenizer(make_config('tiny', tok_perceptual=0, tok_fg_weight=w))
+        _, terms[w] = tok.compute_loss(x)
+        with torch.no_grad():
+            err = ((x * 2 - 1) - tok.decode_latents(tok.encode_latents(x)[1])).abs()  # straight-through: same values
+        weight = 1 + w * sprite.float()  # 13 of 2 x 7056 pixels
+        assert torch.allclose(terms[w]['reconstruction'], (weight * err).sum() / weight.sum(), atol=1e-6)
+    assert terms[0.0]['reconstruction'] != terms[4.0]['reconstruction']
 
 
 def test_no_lpips_source_warns_once(monkeypatch):
@@ -1026,27 +1067,35 @@ def test_batched_planner_equals_single_calls(fx, official):
     assert official.valid[tasks[2]][batch['actions'][2]].all()  # K = 5 > 4 valid actions of Atlantis: still valid
 
 
-def naive_beam_search(model, ctx, task, K, H):
-    """B§7.2/7.3 spelled out: Python lists of nodes, every token by a full forward of the whole window, no cache."""
+def naive_q(model, tokens, task):
+    """Q (A,) after the last of tokens (T,), by a full forward of the whole window (no cache)."""
+    return model.q_values(model(tokens[None], task[None])[:, -1], task[None])[0]
+
+
+def naive_world_step(model, tokens, a, task):
+    """B§7.3 spelled out: action a, then 36 greedy obs tokens, every token by a full forward of the whole window (no
+    cache). Returns the tokens with the new block, the reward and the new state's Q (A,). Shared with naive_mcts."""
     def last_hidden(tokens):
         return model(tokens[None], task[None])[0, -1]
 
-    def world_step(tokens, a):
-        tokens = torch.cat([tokens, torch.tensor([a])])
+    tokens = torch.cat([tokens, torch.tensor([a])])
+    h = last_hidden(tokens)
+    r = model.head_rew(h).argmax().item() - 1
+    for _ in range(36):
+        tokens = torch.cat([tokens, model.head_obs(h).argmax().view(1)])
         h = last_hidden(tokens)
-        r = model.head_rew(h).argmax().item() - 1
-        for _ in range(36):
-            tokens = torch.cat([tokens, model.head_obs(h).argmax().view(1)])
-            h = last_hidden(tokens)
-        return tokens, r, model.q_values(h[None], task[None])[0]
+    return tokens, r, model.q_values(h[None], task[None])[0]
 
+
+def naive_beam_search(model, ctx, task, K, H):
+    """B§7.2/7.3 spelled out: Python lists of nodes, every token by a full forward of the whole window, no cache."""
     k_eff, gamma = min(K, int(model.valid[task].sum())), model.cfg.gamma
-    beam = [(0.0, ctx, model.q_values(last_hidden(ctx)[None], task[None])[0], None)]  # (return, tokens, Q, a_1)
+    beam = [(0.0, ctx, naive_q(model, ctx, task), None)]  # (return, tokens, Q, a_1)
     for d in range(1, H + 1):
         children = []
         for ret, tokens, q, first in beam:
             for a in q.topk(k_eff).indices.tolist():
-                t, r, qn = world_step(tokens, a)
+                t, r, qn = naive_world_step(model, tokens, a, task)
                 children.append((ret + gamma ** (d - 1) * r + gamma ** d * qn.max().item(), ret + gamma ** (d - 1) * r,
                                  t, qn, a if first is None else first))
         children.sort(key=lambda c: -c[0])
@@ -1345,10 +1394,11 @@ def test_compiled_jacobi_decoding_equals_eager(fx, official):
 
 # --- a hand-built world model: beam search finds the 2-step path that greedy misses -----------------------------
 
-def toy_world_model():
+def toy_world_model(rewards, Q):
     """A tiny JOWA whose blocks add nothing, so the hidden state at a token is LayerNorm(its one-hot embedding):
     action a and obs token 100+a both light up channel a. The state after action a is 'a' (all 36 obs tokens 100+a).
-    Reward +1 only for action 4; Q is a table over (state, action)."""
+    The step's reward is rewards.get(a, 0) in {-1, 0, 1}; Q is the table Q[(state, action)] (0 where absent; invalid
+    actions -inf). The root context (toy_root) is state 17 (tokens 117)."""
     torch.manual_seed(0)
     cfg = make_config('tiny')
     m = JOWA(cfg).eval()
@@ -1363,18 +1413,24 @@ def toy_world_model():
         for a in range(18):
             m.head_obs[2].weight[100 + a, a] = 1  # next obs token 100 + a: the state remembers the action
         m.head_rew[2].weight[1, :18] = 1  # reward class 1 (r = 0) ...
-        m.head_rew[2].weight[2, 4] = 2  # ... except class 2 (r = +1) after action 4
-    Q = torch.zeros(18, 18)
-    Q[17, 0], Q[17, 3] = 1.0, 0.9  # root state 17: greedy takes action 0
-    Q[0, 0], Q[0, 1] = 0.5, 0.4
-    Q[3, 4] = 0.6  # after action 3, action 4 earns +1
-    m.q_values = lambda h, tasks: Q[h[..., :18].argmax(-1)].masked_fill(~m.valid[tasks], float('-inf'))
+        for a, r in rewards.items():
+            m.head_rew[2].weight[r + 1, a] = 2  # ... except class r + 1 after action a
+    table = torch.zeros(18, 18)
+    for (s, a), v in Q.items():
+        table[s, a] = v
+    m.q_values = lambda h, tasks: table[h[..., :18].argmax(-1)].masked_fill(~m.valid[tasks], float('-inf'))
     return m
 
 
+def toy_root(game):
+    """(ctx, ctx_len, tasks) of one environment of `game` at toy_world_model's root state 17."""
+    return torch.full((1, 36), 117), torch.tensor([36]), torch.tensor([task_id(game)])
+
+
 def test_beam_search_finds_the_better_two_step_path():
-    m = toy_world_model()
-    ctx, lens, tasks = torch.full((1, 36), 117), torch.tensor([36]), torch.tensor([task_id('Seaquest')])  # 18 actions
+    # root state 17: greedy takes action 0; after action 3, action 4 earns +1
+    m = toy_world_model(rewards={4: 1}, Q={(17, 0): 1.0, (17, 3): 0.9, (0, 0): 0.5, (0, 1): 0.4, (3, 4): 0.6})
+    ctx, lens, tasks = toy_root('Seaquest')  # 18 actions
     planner = Planner(m)
     assert planner(ctx, lens, tasks, horizon=0)['action'].item() == 0
     out = planner(ctx, lens, tasks, beam=2, horizon=2)
@@ -1384,6 +1440,226 @@ def test_beam_search_finds_the_better_two_step_path():
     assert torch.allclose(out['value'], torch.tensor([0.99 * 1.0]))  # gamma * r_2 + gamma^2 * max Q(state 4) = 0
     # beam 1 follows the critic at depth 1 and misses it
     assert planner(ctx, lens, tasks, beam=1, horizon=2)['action'].item() == 0
+
+
+# --- MCTS (plan.MCTS) ---------------------------------------------------------------------------------------------
+
+def mcts_children(out, actions):  # the root children's visits and values at these actions
+    return out['visits'][0, actions].tolist(), out['values'][0, actions].tolist()
+
+
+G = 0.99  # cfg.gamma
+# Atlantis (valid 0, 1, 11, 12). Greedy Q at the root takes 0, and state 0 is worth 2; action 12 earns +1.
+# One step: 0 -> gamma*2 = 1.98 beats 12 -> 1. Two steps: 12 then 0 -> 1 + gamma^2*2 = 2.96 beats 0 then 0 (1.96).
+TRAP = dict(rewards={12: 1}, Q={(17, 0): 1.0, (17, 1): 0.2, (17, 11): 0.1, (0, 0): 2.0})
+
+
+def test_mcts_enough_simulations_find_the_best_path_that_greedy_and_one_step_miss():
+    m, ctx = toy_world_model(**TRAP), toy_root('Atlantis')
+    beam = Planner(m)
+    assert beam(*ctx, horizon=0)['action'].item() == 0  # greedy Q
+    assert beam(*ctx, beam=4, horizon=1)['action'].item() == 0  # one-step lookahead over every valid action
+    assert beam(*ctx, beam=2, horizon=2)['action'].item() == 0  # the paper's beam: 12 is not in the root's top 2
+    best = beam(*ctx, beam=4, horizon=2)  # exhaustive depth 2 (all 4 x 4 paths)
+    assert best['actions'].tolist() == [[12, 0]] and best['value'].item() == pytest.approx(1 + G ** 2 * 2)
+    # H = 3 is max depth 2: the same search space. 20 simulations spend themselves under the greedy child ...
+    out = plan.MCTS(m)(*ctx, horizon=3, simulations=20)
+    assert out['action'].item() == 0 and mcts_children(out, [11, 12])[0] == [0, 0]
+    # ... enough simulations reach 12 and prefer it, by value and by visits
+    out = plan.MCTS(m)(*ctx, horizon=3, simulations=80)
+    visits, values = mcts_children(out, [0, 1, 11, 12])
+    assert out['action'].item() == 12 and visits == [33, 1, 1, 45]
+    # child 0's value is the mean of its 33 backups: max Q(state 0) = 2 when it was a leaf, then 32 times 0, 0 (gamma*2)
+    assert values[0] == pytest.approx(G * (2 + 32 * G * 2) / 33)
+    assert G ** 2 * 2 < values[3] < 1 + G ** 2 * 2  # a mean over paths through 12: 12, 0 is the best of them
+    assert out['rewards'].tolist() == [[1.0]] and (out['obs'] == 112).all()  # the chosen step, for evaluate's guess
+    out = plan.MCTS(m)(*ctx, horizon=6, simulations=80)  # the official depth 5
+    assert out['action'].item() == 12 and mcts_children(out, [0, 12])[0] == [31, 47]
+
+
+def test_mcts_one_simulation_is_greedy_and_one_per_root_child_is_one_step_lookahead_over_the_visited():
+    # a variant of TRAP where one step already shows 12 is best: 12 -> 1 + gamma*5 = 5.95 > 0 -> 1.98
+    m, ctx = toy_world_model(rewards={12: 1}, Q={**TRAP['Q'], (12, 0): 5.0}), toy_root('Atlantis')
+    one_step = Planner(m)(*ctx, beam=4, horizon=1, trace=True)
+    assert one_step['action'].item() == 12
+    scores = dict(zip(one_step['trace'][0]['actions'][0].tolist(), one_step['trace'][0]['score'][0].tolist()))
+    # 1 simulation: the first pUCT choice, where sqrt(N_root) = 0 zeroes every prior term, goes to the highest prior:
+    # the greedy Q action, which is then the only visited child
+    out = plan.MCTS(m)(*ctx, horizon=6, simulations=1)
+    assert out['action'].item() == Planner(m)(*ctx, horizon=0)['action'].item() == 0
+    assert out['visits'][0].tolist() == [1] + [0] * 17
+    # 1 simulation per root child (4) at depth 1 (H = 2): every visit ends at a root child and backs up its exact
+    # one-step value r + gamma * max Q(s'), however often it is visited, so MCTS is the one-step lookahead over the
+    # children pUCT visits. pUCT does not try each child once: by hand (priors softmax(Q/0.9) = .474, .195, .175,
+    # .156), simulation 2 revisits 0 (c*.474/2 > c*.195), 3 tries 1, 4 returns to 0 (normalised value .99).
+    out = plan.MCTS(m)(*ctx, horizon=2, simulations=4)
+    visits, values = mcts_children(out, [0, 1, 11, 12])
+    assert visits == [3, 1, 0, 0] and out['action'].item() == 0  # 12, never visited, is missed
+    assert values[:2] == pytest.approx([scores[0], scores[1]]) and values[0] == pytest.approx(G * 2)
+    assert values[2:] == [-math.inf, -math.inf]
+    # with more simulations every valid child is visited: the one-step lookahead itself (beam H = 1, K = #valid)
+    out = plan.MCTS(m)(*ctx, horizon=2, simulations=40)
+    visits, values = mcts_children(out, [0, 1, 11, 12])
+    assert min(visits) > 0 and sum(visits) == 40 and out['action'].item() == 12
+    assert values == pytest.approx([scores[a] for a in (0, 1, 11, 12)])
+
+
+def test_mcts_ties_go_to_the_lower_action_and_invalid_actions_are_never_chosen(fx, official):
+    # Pong (valid 0, 1, 3, 4, 11, 12): the invalid actions 2 and 5 would earn +1; states 3 and 11 tie at max Q 1
+    m, ctx = toy_world_model(rewards={2: 1, 5: 1}, Q={(3, 0): 1.0, (11, 0): 1.0, (2, 0): 9.0}), toy_root('Pong')
+    valid = torch.zeros(18, dtype=torch.bool)
+    valid[list(VALID_ACTIONS['Pong'])] = True
+    assert plan.MCTS(m)(*ctx, horizon=6, simulations=1)['action'].item() == 0  # flat priors: the lowest valid id
+    for H, S in ((2, 30), (4, 20), (6, 20)):
+        out = plan.MCTS(m)(*ctx, horizon=H, simulations=S)
+        assert (out['visits'][0, ~valid] == 0).all() and torch.isinf(out['values'][0, ~valid]).all()
+        assert out['visits'][0, valid].sum() == S
+        if H == 2:  # depth 1: 3 and 11 are both worth exactly gamma * 1, and the tie goes to the lower id
+            assert out['values'][0, 3] == out['values'][0, 11] == torch.tensor(G) and out['action'].item() == 3
+        else:  # deeper, the means depend on how the visits split between the two (3 is tried first)
+            assert out['action'].item() in (3, 11)
+    # a real (tiny, official-format) model on games with few valid actions: always a valid, visited action
+    ctx, lens, tasks, _ = mixed_batch(fx)
+    out = plan.MCTS(official)(ctx, lens, tasks, horizon=3, simulations=8)
+    v = official.valid[tasks]
+    assert v[torch.arange(4), out['action']].all() and (out['visits'][~v] == 0).all()
+    assert (out['visits'][torch.arange(4), out['action']] > 0).all()
+
+
+@pytest.mark.parametrize('jacobi', [True, False])
+def test_mcts_batched_over_environments_equals_single_calls(fx, official, jacobi):
+    ctx, lens, tasks, _ = mixed_batch(fx)  # 4 games, contexts of 6, 3, 1 and 5 blocks
+    mcts = plan.MCTS(official, jacobi=jacobi)
+    batch = mcts(ctx, lens, tasks, horizon=3, simulations=12)
+    for i in range(len(ctx)):
+        one = plan.MCTS(official, jacobi=False)(ctx[i:i + 1, :lens[i]], lens[i:i + 1], tasks[i:i + 1], horizon=3,
+                                                simulations=12)
+        for k in ('action', 'visits', 'actions', 'rewards', 'obs'):
+            assert torch.equal(batch[k][i], one[k][0]), (i, k)
+        seen = one['visits'][0] > 0
+        assert torch.equal(torch.isinf(batch['values'][i]), ~seen)
+        assert torch.allclose(batch['values'][i][seen], one['values'][0][seen], atol=1e-5)
+    assert batch['visits'].sum(-1).tolist() == [12] * 4
+
+
+def naive_mcts(model, ctx, task, H, S, T=0.9, base=19652, init=1.25):
+    """B§7.4 as the official src/MCTS.py spells it (Python nodes, MuZero's pUCT, backup and min-max bounds), every
+    token by a full forward of the whole window (no cache), with plan.MCTS's stated departures: ties to the higher
+    prior then the lower id, the final action among visited children by r + gamma * value."""
+    gamma, valid = model.cfg.gamma, model.valid[task].tolist()
+
+    class Node:
+        def __init__(self, prior):
+            self.prior, self.visits, self.vsum, self.reward, self.children, self.tokens = prior, 0, 0.0, 0.0, {}, None
+
+        def value(self):
+            return self.vsum / self.visits if self.visits else 0.0
+
+    def expand(node, q):
+        for a, p in enumerate((q.float() / T).softmax(-1).tolist()):
+            node.children[a] = Node(p)
+
+    bounds = [math.inf, -math.inf]
+
+    def ucb(parent, child, a):
+        if not valid[a]:
+            return -math.inf
+        c = math.log((parent.visits + base + 1) / base) + init
+        score = math.sqrt(parent.visits) * c * child.prior / (child.visits + 1)
+        if child.visits:
+            x = child.reward + gamma * child.value()
+            score += (x - bounds[0]) / (bounds[1] - bounds[0]) if bounds[1] > bounds[0] else x
+        return score
+
+    top = Node(0.0)
+    top.tokens = ctx
+    expand(top, naive_q(model, ctx, task))
+    for _ in range(S):
+        node, path, depth = top, [top], 0
+        while node.children:
+            a = max(node.children, key=lambda a: (ucb(node, node.children[a], a), node.children[a].prior, -a))
+            parent, node = node, node.children[a]
+            path.append(node)
+            depth += 1
+            if depth >= max(H - 1, 1):
+                break
+        node.tokens, node.reward, q = naive_world_step(model, parent.tokens, a, task)
+        expand(node, q)
+        value = q.max().item()
+        for b in reversed(path):
+            b.vsum += value
+            b.visits += 1
+            bounds[:] = min(bounds[0], b.value()), max(bounds[1], b.value())
+            value = b.reward + gamma * value
+    visits = [top.children[a].visits for a in range(len(valid))]
+    values = [c.reward + gamma * c.value() if c.visits else -math.inf for c in top.children.values()]
+    return max(range(len(valid)), key=lambda a: (values[a], -a)), visits, values
+
+
+@pytest.mark.parametrize('row, blocks, game, H, S', [(0, 3, 'Assault', 3, 12), (0, 2, 'Pong', 4, 12)])
+def test_mcts_equals_a_naive_node_tree_search(fx, official, row, blocks, game, H, S):
+    ctx, task = fx['inputs']['tokens'][row, :blocks * 37 - 1], torch.tensor(task_id(game))
+    with torch.no_grad():
+        action, visits, values = naive_mcts(official, ctx, task, H, S)
+    out = plan.MCTS(official)(ctx[None], torch.tensor([len(ctx)]), task[None], horizon=H, simulations=S)
+    assert out['action'].item() == action and out['visits'][0].tolist() == visits
+    assert out['values'][0].tolist() == pytest.approx(values, abs=1e-4)
+    assert len([v for v in visits if v]) > 1  # a real search: more than one root child tried
+
+
+def test_evaluate_plays_episodes_with_mcts(tiny_eval, monkeypatch):
+    from dataclasses import replace
+    from evaluate import evaluate
+    cfg, model, tok = tiny_eval
+    cfg = replace(cfg, planner='mcts', mcts_simulations=3, mcts_temperature=0.5, horizon=3)
+    calls = []
+    call = plan.MCTS.__call__
+    monkeypatch.setattr(plan.MCTS, '__call__', lambda self, *a, **k: calls.append((a, k, call(self, *a, **k)))
+                        or calls[-1][2])
+    returns, cut = evaluate(model, tok, cfg, ['Pong', 'Atlantis'], 2, plan=True)
+    assert {g: len(r) for g, r in returns.items()} == {'Pong': 2, 'Atlantis': 2}
+    assert cut == {'Pong': [True, True], 'Atlantis': [True, True]}  # max_steps=4
+    assert len(calls) == 4  # one batched search per agent step for all 4 environments (no epsilon draw hit)
+    for (ctx, lens, tasks), kw, out in calls:
+        assert kw['simulations'] == 3 and kw['temperature'] == 0.5 and kw['horizon'] == 3
+        assert len(tasks) == 4 and ctx.shape[1] <= (cfg.max_blocks - 3) * 37 - 1  # room for the imagined blocks
+        assert model.valid[tasks, out['action']].all() and (out['visits'].sum(-1) == 3).all()
+    # each search's first guess is the frame the previous one imagined after its action
+    assert (calls[0][1]['guess'] == -1).all()
+    assert all(torch.equal(k['guess'], prev['obs'][:, 0]) for (_, k, _), (_, _, prev) in zip(calls[1:], calls))
+
+
+def test_evaluate_command_line_with_mcts(tiny_eval, tmp_path, capsys):
+    from evaluate import main
+    cfg, model, tok = tiny_eval
+    ckpt, out = str(tmp_path / 'ckpt.pt'), str(tmp_path / 'scores.json')
+    save_checkpoint(dict(config=asdict(cfg), model=model.state_dict(), tokenizer=tok.state_dict()), ckpt)
+    main([f'--ckpt={ckpt}', '--games=Pong', '--episodes=1', '--max_steps=2', '--planner=mcts', '--mcts_simulations=2',
+          f'--out={out}'])
+    res = json.load(open(out))
+    assert res['planner'] == 'mcts' and len(res['returns']['Pong']) == 1
+    # eval_MCTS.sh's H 6 unless --horizon is given, and the root context leaves room for it (8 - 6 blocks)
+    assert res['settings']['Pong']['horizon'] == 6 and res['settings']['Pong']['context'] == 2
+    assert 'MCTS 2 simulations T 0.9 max depth H - 1' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--planner=alphazero', r'--planner=alphazero: choose one of beam, mcts'),
+    ('--mcts_simulations=0', r'--mcts_simulations=0 must be > 0'),
+    ('--mcts_temperature=0', r'--mcts_temperature=0.0 must be > 0'),
+    ('--mcts_temperature=1e999', r'--mcts_temperature=inf must be a finite number'),
+])
+def test_bad_mcts_options_are_one_line_errors(flag, message):
+    from evaluate import main
+    with pytest.raises(SystemExit, match=f'^error: {message}$'):
+        main(['--ckpt=missing.pt', '--games=Pong', flag])
+
+
+def test_mcts_context_too_long_for_the_depth_is_an_error(fx, official):
+    ctx = fx['inputs']['tokens'][1:2, :6 * 37 - 1]  # 6 blocks leave room for 2 imagined blocks: max depth 2
+    plan.MCTS(official)(ctx, torch.tensor([ctx.shape[1]]), torch.tensor([task_id('Assault')]), horizon=3, simulations=2)
+    with pytest.raises(ValueError, match='leaves no room for 3 imagined blocks'):
+        plan.MCTS(official)(ctx, torch.tensor([ctx.shape[1]]), torch.tensor([task_id('Assault')]), horizon=4)
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
@@ -1602,10 +1878,11 @@ def train_data(tmp_path_factory):
     return str(out)
 
 
-def run_train(*flags, nproc=1, check=True):
-    """Run train.py (torchrun with nproc > 1); one thread per process so that runs compare bit for bit."""
-    cmd = [sys.executable, 'train.py'] if nproc == 1 else \
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'train.py']
+def run_train(*flags, nproc=1, check=True, script='train.py'):
+    """Run train.py, or another script (torchrun with nproc > 1); one thread per process so that runs compare bit for
+    bit."""
+    cmd = [sys.executable, script] if nproc == 1 else \
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', script]
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
     for attempt in range(2 if nproc > 1 else 1):
         p = subprocess.run(cmd + list(flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
@@ -1913,7 +2190,7 @@ def test_imagined_segment_layout_with_stub_planner():
         N = len(tasks)
         return dict(actions=torch.tensor([[11, 12]]).repeat(N, 1), rewards=torch.tensor([[1., -1.]]).repeat(N, 1),
                     obs=torch.stack([torch.full((N, 36), 100), torch.full((N, 36), 200)], 1))
-    seg = finetune.imagine(planner, tok, b, horizon=2, beam=2)
+    seg = plan.imagine(planner, tok, b, horizon=2, beam=2)
     ok = torch.tensor([0, 3])
     O, A, R = b['observations'][ok], b['actions'][ok], b['rewards'][ok]
     # the planner starts from the last 6 real blocks, the context ends with O7's tokens (A7 dropped)
@@ -1933,10 +2210,10 @@ def test_imagined_segment_layout_with_stub_planner():
     assert seg['ends'].shape == seg['mask_padding'].shape == seg['rewards'].shape == seg['actions'].shape == (2, 8)
     assert not seg['ends'].any() and seg['mask_padding'].all() and seg['real'].tolist() == [False, False]
     assert seg['envs'].tolist() == [PONG, PONG]
-    assert finetune.imagine(planner, tok, {k: v[1:3] for k, v in b.items()}) is None  # nothing eligible
+    assert plan.imagine(planner, tok, {k: v[1:3] for k, v in b.items()}) is None  # nothing eligible
     # the same from tokens (frozen tokenizer, token cache): imagined frames re-encoded
     tb = dict(b, observations=tok.encode(b['observations']))
-    ts = finetune.imagine(planner, tok, tb, horizon=2, beam=2)
+    ts = plan.imagine(planner, tok, tb, horizon=2, beam=2)
     assert torch.equal(seen['ctx'], make_context(tok.encode(O[:, 2:]), A[:, 2:]))
     assert torch.equal(ts['observations'], tok.encode(seg['observations']))
     assert all(torch.equal(ts[k], seg[k]) for k in ('actions', 'rewards', 'ends', 'mask_padding', 'envs', 'real'))
@@ -1953,7 +2230,7 @@ def test_imagined_segment_from_real_planner_with_overridden_heads(one_thread):
             head[2].bias.fill_(-10.0)
             head[2].bias[k] = 10.0
     tok, b = GreyTokenizer(cfg.obs_vocab), segments(3)
-    seg = finetune.imagine(Planner(model), tok, b, horizon=2, beam=2)
+    seg = plan.imagine(Planner(model), tok, b, horizon=2, beam=2)
     ctx = make_context(tok.encode(b['observations'][:, 2:]), b['actions'][:, 2:])
     path = Planner(model)(ctx, torch.full((3,), ctx.shape[1]), b['envs'], beam=2, horizon=2)
     a = path['actions']
@@ -1970,7 +2247,7 @@ def test_last_imagined_slot_has_no_td_term(one_thread):
     cfg = make_config('tiny', dropout=0.0, cql_weight=0.0)
     torch.manual_seed(0)
     model, tok = JOWA(cfg).eval(), GreyTokenizer(cfg.obs_vocab)
-    seg = finetune.imagine(Planner(model), tok, segments(2))
+    seg = plan.imagine(Planner(model), tok, segments(2))
 
     def td(**change):
         b = {k: v.clone() for k, v in seg.items()}
@@ -1984,16 +2261,181 @@ def test_last_imagined_slot_has_no_td_term(one_thread):
 
 
 def test_replay_fifo_and_state():
-    rb = finetune.Replay(capacity=5, seed=0)
+    rb = plan.Replay(capacity=5, seed=0)
     seg = lambda i, n: dict(observations=torch.full((n, 8, 1, 84, 84), i / 255), envs=torch.full((n,), i))
     rb.push(seg(1, 3))
     rb.push(seg(2, 3))  # wraps: one of the first push's segments survives
     assert rb.size == 5 and rb.data['envs'].tolist() == [2, 1, 1, 2, 2]
-    rb2 = finetune.Replay(capacity=5, seed=1)
+    rb2 = plan.Replay(capacity=5, seed=1)
     rb2.load_state_dict(rb.state_dict())
     x, y = rb.sample(4), rb2.sample(4)
     assert torch.equal(x['envs'], y['envs']) and torch.equal(x['observations'], y['observations'])
     assert torch.allclose(x['observations'][:, 0, 0, 0, 0], x['envs'].float() / 255)  # back in [0, 1]
+
+
+# --- imagination in pretraining (train.py --imagine; plan.imagine with an epsilon-greedy policy) ---------------------
+
+def fixed_critic_model(end_class=0):
+    """A tiny JOWA whose critic is Q(a) = -|a - 2.2| for every state (best valid action: Pong 3, Assault 2; 2 itself
+    is invalid in Pong) and whose termination head always predicts `end_class`."""
+    cfg = make_config('tiny', dropout=0.0)
+    torch.manual_seed(0)
+    model = JOWA(cfg).eval()
+    with torch.no_grad():
+        model.head_end[2].weight.zero_()
+        model.head_end[2].bias.copy_(torch.tensor([10.0, -10.0]) if end_class == 0 else torch.tensor([-10.0, 10.0]))
+    q = -(torch.arange(18.0) - 2.2).abs()
+    model.q_values = lambda h, tasks=None, target=False: q.expand(h.shape[0], 18).masked_fill(~model.valid[tasks],
+                                                                                               float('-inf'))
+    return model
+
+
+def test_epsilon_greedy_imagination_plays_the_critics_best_valid_action_or_a_random_valid_one(one_thread):
+    model, tok = fixed_critic_model(), GreyTokenizer()
+    b = segments(4)
+    b['envs'] = torch.tensor([PONG, PONG, task_id('Assault'), task_id('Assault')])
+    n, H = 5, 3  # real blocks, imagined steps
+    valid = torch.stack([M.action_mask('Pong')] * 2 + [M.action_mask('Assault')] * 2)  # (4, 18)
+    # epsilon 0: a_1..a_H (slots n-1 .. T-2) and the dummy (slot T-1) are the critic's best valid action
+    seg = plan.imagine(Planner(model), tok, b, horizon=H, epsilon=0.0)
+    assert seg['actions'][:, n - 1:].tolist() == [[3] * 4, [3] * 4, [2] * 4, [2] * 4]
+    assert torch.equal(seg['actions'][:, :n - 1], b['actions'][:, -n:-1])  # the real part: A3..A6
+    assert seg['mask_padding'].all() and not seg['ends'].any() and not seg['real'].any()
+    # epsilon 1: every action is the argmax of the coins' noise over the game's valid actions
+    seg = plan.imagine(Planner(model), tok, b, horizon=H, epsilon=1.0, generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(4, H, 19, generator=torch.Generator().manual_seed(0))  # the same draws
+    rand = noise[..., 1:].masked_fill(~valid[:, None], -1).argmax(-1)  # (4, H)
+    assert torch.equal(seg['actions'][:, n - 1:-1], rand) and torch.equal(seg['actions'][:, -1], rand[:, -1])
+    assert valid.gather(1, seg['actions'][:, n - 1:]).all()  # (the stand-in real actions are any of 18)
+    # epsilon 0.5: the coin noise[..., 0] < 0.5 decides between the two, step by step
+    seg = plan.imagine(Planner(model), tok, b, horizon=H, epsilon=0.5, generator=torch.Generator().manual_seed(0))
+    best = torch.tensor([3, 3, 2, 2])[:, None].expand(4, H)
+    assert torch.equal(seg['actions'][:, n - 1:-1], torch.where(noise[..., 0] < 0.5, rand, best))
+    assert 0 < (noise[..., 0] < 0.5).sum() < 4 * H  # both kinds occur in this draw
+    # the planner: epsilon-greedy plays one action per step; epsilon 0 is the width-1 beam search
+    ctx = make_context(tok.encode(b['observations'][:, -n:]), b['actions'][:, -n:])
+    args = (ctx, torch.full((4,), ctx.shape[1]), b['envs'])
+    with pytest.raises(ValueError, match='beam must be 1'):
+        Planner(model)(*args, beam=2, horizon=H, epsilon=0.1)
+    a, g = Planner(model)(*args, beam=1, horizon=H, epsilon=0.0), Planner(model)(*args, beam=1, horizon=H)
+    assert all(torch.equal(a[k], g[k]) for k in ('actions', 'rewards', 'ends', 'obs'))
+
+
+def test_epsilon_greedy_imagination_ends_where_the_world_model_predicts_termination(one_thread):
+    """The termination head always says 'end': the episode ends after a_1, the slots after it are padding (zeros,
+    mask_padding False, right-padded like real data), and the loss takes slot n-1 as a terminal step."""
+    model, tok = fixed_critic_model(end_class=1), GreyTokenizer()
+    b, n, H = segments(2), 4, 4
+    seg = plan.imagine(Planner(model), tok, b, horizon=H, epsilon=0.0)
+    assert seg['mask_padding'].tolist() == [[True] * n + [False] * H] * 2
+    assert seg['ends'].tolist() == [[0] * (n - 1) + [1] + [0] * H] * 2
+    assert torch.equal(seg['observations'][:, :n], b['observations'][:, -n:])  # O4..O7
+    assert torch.equal(seg['actions'][:, :n], torch.cat([b['actions'][:, -n:-1], torch.full((2, 1), 3)], 1))
+    for k in ('observations', 'actions', 'rewards', 'ends'):
+        assert not seg[k][:, n:].any(), k
+
+    def td(slot=None):  # TD pairs 0->1 .. 2->3, then slot 3 terminal: padding never enters
+        s = {k: v.clone() for k, v in seg.items()}
+        if slot is not None:
+            s['rewards'][:, slot] += 0.5
+        with torch.no_grad():
+            return model.compute_loss(s, tok)[1]['td']
+    base = td()
+    assert torch.isfinite(base) and torch.equal(td(4), base) and not torch.equal(td(3), base)
+
+
+IMAGINE = ['--stage1_steps=0', '--stage2_steps=4', '--imagine', '--imagine_after=1', '--imagine_epsilon=0.5',
+           '--q_penalty=combo']
+
+
+@pytest.fixture(scope='module')
+def imagined_run(train_data, tmp_path_factory):
+    """train.py, tiny, 4 stage-2 steps, imagining (epsilon-greedy, H = 4) from the second: (out_dir, stdout)."""
+    out = str(tmp_path_factory.mktemp('imagined') / 'full')
+    return out, run_train(*TINY, f'--data_dir={train_data}', f'--out_dir={out}', *IMAGINE).stdout
+
+
+def test_train_with_imagination_lays_out_imagined_segments(train_data, imagined_run):
+    """The checkpoint's FIFO: each segment's 4 real blocks are the last 4 of a dataset segment (the token cache), the
+    4 imagined blocks follow with valid actions, right padding only, real False."""
+    out, stdout = imagined_run
+    assert 'imagined FIFO' not in stdout.split('step 2 |')[0] and 'imagined FIFO' in stdout.split('step 2 |')[1]
+    ck = load_ckpt(out)
+    rb, n, T = ck['replay'], 4, 8
+    size = rb['size']
+    assert 0 < size <= 3 * 4 and rb['capacity'] == 10 * sum(d['segments'] for d in data.load_dataset(
+        train_data, ['Pong', 'Assault']))  # 3 imagining steps x 4 segments rolled (those eligible)
+    seg = {k: v[:size] for k, v in rb['data'].items()}
+    src = {d['task']: data.read_segments(d['dir'], np.arange(d['segments']), T, tokens=True)
+           for d in data.load_dataset(train_data, ['Pong', 'Assault'], tokens=True)}
+    assert seg['observations'].shape == (size, T, 36) and seg['observations'].max() < 512
+    assert not seg['real'].any()
+    for i in range(size):
+        s, m = src[int(seg['envs'][i])], seg['mask_padding'][i]
+        same = ((s['observations'][:, -n:] == seg['observations'][i, :n].numpy()).all((1, 2)) &
+                (s['actions'][:, -n:-1] == seg['actions'][i, :n - 1].numpy()).all(1) &
+                (s['rewards'][:, -n:-1] == seg['rewards'][i, :n - 1].numpy()).all(1) &
+                s['mask_padding'][:, -n:].all(1) & (s['ends'][:, -1] == 0))
+        assert same.any(), f"imagined segment {i}: no dataset segment ends with its real blocks"
+        assert m[:n].all() and (m[1:] <= m[:-1]).all()  # real blocks, then imagined ones, padding at the end only
+        game = next(g for g in ('Pong', 'Assault') if task_id(g) == seg['envs'][i])
+        assert M.action_mask(game)[seg['actions'][i][m]].all()
+        e = seg['ends'][i]
+        assert not e[:n - 1].any() and e[-1] == 0 and e.sum() <= 1 and (e.sum() == 0 or m.sum() == e.argmax() + 1)
+        for k in ('observations', 'actions', 'rewards', 'ends'):
+            assert not seg[k][i][~m].any(), k
+
+
+def test_train_resume_with_imagination_is_exact(train_data, imagined_run, tmp_path, monkeypatch):
+    """Stop after step 2 (one imagining step done), resume: weights, optimizers, data and imagination streams and the
+    imagined FIFO equal the uninterrupted run's. A resume with another FIFO size is one line, before any work."""
+    full, _ = imagined_run
+    run_train(*TINY, f'--data_dir={train_data}', f'--out_dir={tmp_path}', *IMAGINE, '--stop_at=2')
+    cut = load_ckpt(tmp_path)
+    assert cut['step'] == 2 and cut['replay']['size'] > 0
+    run_train(f'--out_dir={tmp_path}', '--resume')
+    a, b = load_ckpt(full), load_ckpt(tmp_path)
+    assert a['step'] == b['step'] == 4
+    for k in TRAINING_STATE + ('isamplers', 'igens', 'replay'):
+        assert_equal_tree(a[k], b[k], k)
+    before = tree(str(tmp_path))
+    code = in_process('train.py', [f'--out_dir={tmp_path}', '--resume', '--replay_factor=5'], monkeypatch)
+    assert code.startswith('error: ') and '\n' not in code and 'resume with its --replay_factor' in code, code
+    assert tree(str(tmp_path)) == before
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--imagine', '--imagine_horizon=8'], '--imagine_horizon=8 must be in 1..7'),
+    (['--imagine_horizon=0'], '--imagine_horizon=0 must be > 0'),
+    (['--imagine_policy=mcts'], '--imagine_policy=mcts: choose one of beam, egreedy'),
+    (['--imagine_epsilon=1.5'], '--imagine_epsilon=1.5 must be in [0, 1]'),
+    (['--imagine_beam=0'], '--imagine_beam=0 must be > 0'),
+    (['--imagine_after=-1'], '--imagine_after=-1 must be >= 0'),
+    (['--imagine_batch=-1'], '--imagine_batch=-1 must be >= 0'),
+    (['--replay_factor=0'], '--replay_factor=0 must be > 0'),
+    (['--imagine', '--objective=bc'], 'not with --objective=bc'),
+    (['--imagine', '--batch_size=8', '--micro_batch=1'], '--imagine needs --micro_batch >= 2'),
+    (['--imagine', '--imagine_batch=3'], 'imagine_batch=3 must be a multiple of 1 ranks x 8 micro-steps'),
+])
+def test_train_imagination_bad_input_is_one_line_before_any_work(train_data, tmp_path, argv, message, monkeypatch):
+    code = in_process('train.py', [f'--data_dir={train_data}', f'--out_dir={tmp_path}/out', *argv], monkeypatch)
+    assert isinstance(code, str) and code.startswith('error: ') and '\n' not in code and message in code, code
+    assert not os.path.exists(f'{tmp_path}/out')
+
+
+@pytest.mark.slow
+def test_ddp_with_imagination_equals_a_single_process(train_data, tmp_path):
+    """2 ranks x 1 micro-step == 1 process x 2 micro-steps, imagining (dropout off): each (rank, micro-step) stream
+    imagines and draws its own rows and the gathered segments enter every FIFO in the same order, so weights, streams
+    and the FIFO are equal."""
+    flags = [*TINY, f'--data_dir={train_data}', '--stage1_steps=0', '--stage2_steps=3', '--imagine',
+             '--imagine_epsilon=0.5', '--dropout=0.0', '--q_dropout=0.0']
+    run_train(*flags, f'--out_dir={tmp_path}/ddp', nproc=2)
+    run_train(*flags, f'--out_dir={tmp_path}/one')
+    a, b = load_ckpt(f'{tmp_path}/ddp'), load_ckpt(f'{tmp_path}/one')
+    assert a['replay']['size'] > 0
+    for k in ('model', 'samplers', 'isamplers', 'igens', 'replay'):
+        assert_equal_tree(a[k], b[k], k)
 
 # -----------------------------------------------------------------------------
 # fine-tuning runs on real Pong play
@@ -2283,3 +2725,360 @@ def test_leftover_temp_files_of_a_killed_write_are_removed(tmp_path, capsys):
     (tmp_path / 'best.pt.tmp17').write_bytes(b'half')
     M.remove_temp_files(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ['ckpt.pt'] and 'interrupted checkpoint write' in capsys.readouterr().out
+
+
+# --- Scaled-QL (scaled_ql.py) -----------------------------------------------------------------------------------
+# the baseline's known answers (n-step targets, frame stacks, heads, CQL), its training script and its evaluation
+# through evaluate.py, and --compare; CPU, the tiny preset, synthetic processed games, real ALE games to evaluate
+
+SQL_GAMMA = 0.99
+SQL_TINY = ['--preset=tiny', '--games=Pong,Atlantis', '--batch_size=8', '--micro_batch=4', '--target_update=2',
+            '--log_interval=2']
+
+
+def tiny_sql(games, **cfg):
+    cfg = make_config('tiny', **{**scaled_ql.SQL_CONFIG, **cfg})
+    return scaled_ql.ScaledQL({**scaled_ql.DEFAULTS, **scaled_ql.PRESETS['tiny'], 'preset': 'tiny'}, games, cfg), cfg
+
+
+@pytest.fixture(scope='module')
+def sql_data(tmp_path_factory):
+    """Two games of 60 steps in DQN-Replay files, an episode every 20 steps, processed by data.py. Pixel (0, 0) of a
+    frame holds its step in the episode + 1, the rest its episode + 1, so a frame says where it came from."""
+    root, out = tmp_path_factory.mktemp('replay'), tmp_path_factory.mktemp('processed')
+    rng = np.random.default_rng(0)
+    raw = {}
+    for game in ('Pong', 'Atlantis'):
+        n = 60
+        obs = np.repeat((np.arange(n) // 20 + 1).astype(np.uint8), 84 * 84).reshape(n, 84, 84)
+        obs[:, 0, 0] = np.arange(n) % 20 + 1
+        arrays = dict(observation=obs, action=rng.integers(0, len(VALID_ACTIONS[game]), n).astype(np.int32),
+                      reward=rng.choice([-1.0, 0.0, 1.0], n).astype(np.float32),
+                      terminal=(np.arange(n) % 20 == 19).astype(np.uint8))
+        write_replay(str(root), game, 1, 0, [arrays[k] for k in NAMES])
+        data.process_game(str(root), str(out), game, [1], [0], fraction=1.0)
+        raw[game] = arrays
+    return str(out), raw
+
+
+@pytest.fixture(scope='module')
+def sql_ckpt(sql_data, tmp_path_factory):
+    """A tiny Scaled-QL checkpoint of Pong and Atlantis, trained 2 steps by scaled_ql.py."""
+    out = tmp_path_factory.mktemp('sql')
+    run_train(*SQL_TINY, f'--data_dir={sql_data[0]}', '--steps=2', f'--out_dir={out}', script='scaled_ql.py')
+    return str(out / 'ckpt.pt')
+
+
+def test_scaled_ql_nstep_targets_across_an_episode_end():
+    g = SQL_GAMMA
+    rewards = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], np.float32)
+    terminals = np.array([0, 0, 1, 0, 0, 0, 0, 0, 0, 1], np.uint8)  # episodes [0, 3) and [3, 10)
+    t = np.array([0, 1, 2, 3, 6, 7, 8, 9])
+    end = np.array([3, 3, 3, 10, 10, 10, 10, 10])
+    ret, disc, nxt = scaled_ql.nstep(rewards, terminals, t, end, 3, g)
+    expect = [1 + 2 * g + 3 * g ** 2,  # the terminal is the 3rd step: no bootstrap
+              2 + 3 * g,               # 2 steps left, ending on the terminal: never the next episode's 4
+              3,                       # the terminal step alone
+              4 + 5 * g + 6 * g ** 2,  # a full window: bootstrap gamma^3 from step 6
+              7 + 8 * g + 9 * g ** 2,  # full window ending right before the terminal: still bootstraps
+              8 + 9 * g + 10 * g ** 2, 9 + 10 * g, 10]
+    assert np.allclose(ret, expect)
+    assert np.allclose(disc, [0, 0, 0, g ** 3, g ** 3, 0, 0, 0])
+    assert nxt[3] == 6 and nxt[4] == 9  # the bootstrap states
+    assert (nxt < end).all()  # a next state never leaves its episode
+    # 1-step: the plain TD target; an episode cut without a terminal (not from data.py) does not bootstrap past its end
+    ret, disc, _ = scaled_ql.nstep(rewards, np.zeros(10, np.uint8), np.array([0, 4]), np.array([5, 5]), 1, g)
+    assert np.allclose(ret, [1, 5]) and np.allclose(disc, [g, 0])
+
+
+def test_scaled_ql_frame_stacks_never_cross_an_episode_start():
+    frames = np.broadcast_to((np.arange(8) + 1).astype(np.uint8)[:, None, None], (8, 84, 84))  # frame i holds i + 1
+    t, start = np.array([0, 2, 3, 5, 7]), np.array([0, 0, 3, 3, 3])  # episodes [0, 3) and [3, 8)
+    x = scaled_ql.frame_stacks(frames, t, start)
+    assert x.shape == (5, 4, 84, 84) and x.dtype == np.uint8
+    assert x[:, :, 0, 0].tolist() == [[0, 0, 0, 1], [0, 1, 2, 3], [0, 0, 0, 4], [0, 4, 5, 6], [5, 6, 7, 8]]
+    assert (x == x[:, :, :1, :1]).all()  # whole frames (zeros before the start)
+
+
+def test_scaled_ql_sampled_transitions_keep_their_episode(sql_data):
+    """The sampler on processed data: stacks of consecutive frames of one episode, zeros before its start, the next
+    state 3 steps on (or clipped at a terminal), returns and bootstrap factors as summed from the raw files."""
+    out, raw = sql_data
+    ds = data.load_dataset(out, ['Pong', 'Atlantis'])
+    b = scaled_ql.Transitions(ds, ['Pong', 'Atlantis'], n=3, gamma=SQL_GAMMA, seed=0).sample(300)
+    assert b['obs'].shape == (300, 4, 84, 84) and b['obs'].dtype == torch.uint8
+    assert set(b['head'].tolist()) == {0, 1}
+    for i in range(300):
+        game = ('Pong', 'Atlantis')[b['head'][i]]
+        obs, nxt = b['obs'][i].numpy(), b['next_obs'][i].numpy()
+        ep, pos = int(obs[-1, 1, 0]) - 1, int(obs[-1, 0, 0]) - 1  # the raw episode and step of this transition
+        real = obs[:, 1, 0] > 0
+        assert real.tolist() == [k >= 3 - pos for k in range(4)]  # zeros exactly before the episode start
+        assert (obs[real, 1, 0] == ep + 1).all()
+        assert obs[real, 0, 0].tolist() == list(range(pos - real.sum() + 2, pos + 2))
+        r = raw[game]['reward'][ep * 20 + pos:ep * 20 + min(pos + 3, 20)]
+        assert math.isclose(b['ret'][i], sum(SQL_GAMMA ** j * x for j, x in enumerate(r)), abs_tol=1e-6)
+        assert math.isclose(b['disc'][i], 0.0 if pos >= 17 else SQL_GAMMA ** 3, rel_tol=1e-6)
+        assert nxt[-1, 1, 0] == ep + 1 and (pos >= 17 or nxt[-1, 0, 0] == pos + 4)
+        assert b['action'][i] == VALID_ACTIONS[game][raw[game]['action'][ep * 20 + pos]]
+
+
+def test_scaled_ql_parameter_counts_of_the_presets():
+    """The ResNet bodies have exactly torchvision's ResNet-18/34/50/101 parameter counts (GroupNorm has BatchNorm's
+    2 per channel) without the fc layer, plus the 4th input channel of the stem; the heads hold the valid actions of
+    the 15 pretraining games (170) x 51 atoms."""
+    cfg = make_config('tiny', **scaled_ql.SQL_CONFIG)
+    torchvision = dict(resnet18=(11_689_512, 512), resnet34=(21_797_672, 512), resnet50=(25_557_032, 2048),
+                       resnet101=(44_549_160, 2048))
+    n_valid = sum(len(VALID_ACTIONS[g]) for g in M.PRETRAIN_GAMES)
+    assert n_valid == 170
+    for name, (total, C) in torchvision.items():
+        with torch.device('meta'):
+            m = scaled_ql.ScaledQL({**scaled_ql.DEFAULTS, **scaled_ql.PRESETS[name], 'preset': name}, M.PRETRAIN_GAMES,
+                                   cfg)
+        body = total - (C * 1000 + 1000) + 64 * 49  # no fc; 4 input channels instead of 3
+        mlp = C * 8 * 1024 + 1024 + 2 * (1024 * 1024 + 1024)
+        assert num_params(m) == body + C * 3 * 3 * 8 + mlp + n_valid * 51 * 1025, name
+    assert num_params(m) == 70_414_942  # resnet101, the last: the paper's ~80M model has 40 games' heads
+    p = run_train('--params', script='scaled_ql.py')
+    assert 'resnet101:  70,414,942 parameters' in p.stdout and 'tiny:' in p.stdout
+
+
+def test_scaled_ql_per_game_heads_and_valid_action_masking():
+    torch.manual_seed(0)
+    model, cfg = tiny_sql(['Pong', 'Atlantis'])
+    assert model.heads.out_features == (6 + 4) * 51  # outputs for the valid actions only
+    obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
+    head = torch.tensor([0, 1])
+    with torch.no_grad():
+        logits = model(obs, head)  # (2, 18, 51)
+        q = model.q_values(logits, head)
+    assert logits.shape == (2, 18, 51)
+    assert torch.equal(torch.isinf(q), ~torch.stack([action_mask('Pong'), action_mask('Atlantis')]))
+    assert torch.equal(logits[0, 2], logits[0, 0])  # an invalid action's row repeats a valid one: masked above
+    # each game's block belongs to it alone: changing Atlantis's head leaves Pong's logits as they were
+    with torch.no_grad():
+        model.heads.bias[6 * 51:] += 1.0
+        after = model(obs, head)
+    assert torch.equal(after[0], logits[0]) and not torch.equal(after[1], logits[1])
+    # act plays the valid action of highest Q: a bias on the top atom of Pong's 4th and Atlantis's 3rd action
+    with torch.no_grad():
+        model.heads.weight.zero_(), model.heads.bias.zero_()
+        model.heads.bias[3 * 51 + 50] = model.heads.bias[(6 + 2) * 51 + 50] = 10.0
+    tasks = torch.tensor([task_id('Pong'), task_id('Atlantis')])
+    assert model.act(obs, tasks).tolist() == [VALID_ACTIONS['Pong'][3], VALID_ACTIONS['Atlantis'][2]]  # 4, 11
+
+
+def test_scaled_ql_cql_on_a_flat_q_is_alpha_log_valid_actions():
+    model, cfg = tiny_sql(['Pong', 'Atlantis'])
+    with torch.no_grad():  # zero output layer -> uniform distributions -> the same Q for every action
+        model.heads.weight.zero_(), model.heads.bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    batch = dict(obs=torch.randint(0, 256, (4, 4, 84, 84), dtype=torch.uint8, generator=g),
+                 next_obs=torch.randint(0, 256, (4, 4, 84, 84), dtype=torch.uint8, generator=g),
+                 head=torch.tensor([0, 0, 0, 1]), action=torch.tensor([0, 3, 12, 11]),
+                 ret=torch.tensor([0.0, 1.0, -1.0, 2.99]), disc=torch.tensor([SQL_GAMMA ** 3, 0, SQL_GAMMA ** 3, 0]))
+    loss, terms = scaled_ql.compute_loss(model, model, batch, cfg)
+    # over the valid actions: 6 in Pong, 4 in Atlantis (all 18 would give 0.05 * log 18 = 0.1445)
+    assert math.isclose(terms['cql'].item(), 0.05 * (3 * math.log(6) + math.log(4)) / 4, rel_tol=1e-5)
+    assert math.isclose(terms['td'].item(), math.log(51), rel_tol=1e-5)  # any target against uniform: log Z
+    assert math.isclose(loss.item(), terms['td'].item() + terms['cql'].item(), rel_tol=1e-6)
+
+
+def test_scaled_ql_c51_target_hand_made():
+    support = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0])
+    p = torch.zeros(2, 18, 5)
+    p[:, :, 2] = 1  # Q = 0 for every action ...
+    p[:, 1] = torch.tensor([0, 0, 0, 0.5, 0.5])  # ... but action 1 (Q 1.5)
+    p[:, 2] = torch.tensor([0, 0, 0, 0, 1.0])  # and action 2 (Q 2), invalid here
+    valid = torch.zeros(2, 18, dtype=torch.bool)
+    valid[:, :3] = True
+    valid[:, 2] = False
+    m = scaled_ql.c51_target(p.log(), valid, torch.tensor([0.5, -0.3]), torch.tensor([0.5, 0.0]), support)
+    # row 0: a* = 1 (not the invalid 2); 0.5 + 0.5 * {1, 2} = {1, 1.5} -> 0.5 + 0.25 on atom 1, 0.25 on atom 2
+    # row 1: terminal (disc 0) -> point mass at -0.3: 0.3 on atom -1, 0.7 on atom 0
+    assert torch.allclose(m, torch.tensor([[0, 0, 0, 0.75, 0.25], [0, 0.3, 0.7, 0, 0]]), atol=1e-6)
+
+
+def test_scaled_ql_a_few_steps_fit_a_fixed_batch(sql_data):
+    torch.manual_seed(0)
+    out, _ = sql_data
+    model, cfg = tiny_sql(['Pong', 'Atlantis'])
+    b = scaled_ql.Transitions(data.load_dataset(out, ['Pong', 'Atlantis']), ['Pong', 'Atlantis']).sample(16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # unit-norm features: the heads' weights must grow
+    losses = []
+    for _ in range(30):
+        loss, _ = scaled_ql.compute_loss(model, model, b, cfg)
+        loss.backward()
+        opt.step(), opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_scaled_ql_resume_equals_an_uninterrupted_run(sql_data, tmp_path):
+    """Stop at step 3, resume to 6: model, target net (copied at steps 2, 4, 6), Adam, both data streams and RNG equal
+    an uninterrupted run's; the checkpoint names its script."""
+    flags = [*SQL_TINY, f'--data_dir={sql_data[0]}', '--steps=6']
+    run_train(*flags, f'--out_dir={tmp_path}/full', script='scaled_ql.py')
+    run_train(*flags, f'--out_dir={tmp_path}/cut', '--stop_at=3', script='scaled_ql.py')
+    assert load_ckpt(f'{tmp_path}/cut')['step'] == 3
+    p = run_train(f'--out_dir={tmp_path}/cut', '--resume', script='scaled_ql.py')  # settings from the checkpoint
+    assert 'step 3' in p.stdout.splitlines()[0] and 'step 6 |' in p.stdout
+    a, b = load_ckpt(f'{tmp_path}/full'), load_ckpt(f'{tmp_path}/cut')
+    assert a['script'] == 'scaled_ql' and a['step'] == b['step'] == 6 and len(a['samplers']) == 2
+    for k in ('model', 'target', 'optimizer', 'samplers', 'rng', 'games'):
+        assert_equal_tree(a[k], b[k], k)
+    assert not [f for f in os.listdir(f'{tmp_path}/cut') if '.tmp' in f]
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--preset=huge'], 'choose one of tiny, resnet18'),
+    (['--n_layer=3'], '--n_layer is a JOWA option'),
+    (['--blocks=3'], '--blocks=3 must be of type tuple'),
+    (['--blocks=(2,0)'], 'positive block counts'),
+    (['--width=12', '--groups=8'], 'multiple of --groups'),
+    (['--lr=0'], '--lr=0.0 must be > 0'),
+    (['--games=Pongg'], 'unknown game'),
+    (['--games=Breakout'], 'no action mask'),
+    (['--games=Pong', '--data_dir=/nonexistent'], 'no processed dataset for Pong'),
+    (['--resume', '--out_dir=/tmp/sql_nothing_here'], 'not found'),
+])
+def test_scaled_ql_bad_input_is_one_line_before_any_work(argv, message):
+    with pytest.raises(SystemExit, match=f'^error: .*{message}'):
+        scaled_ql.train(argv)
+
+
+def test_scaled_ql_bad_batch_and_foreign_checkpoints(sql_data, tmp_path):
+    with pytest.raises(SystemExit, match='^error: batch_size=6 must be a multiple of micro_batch=4'):
+        scaled_ql.train([f'--data_dir={sql_data[0]}', '--games=Pong', '--batch_size=6', '--micro_batch=4',
+                         f'--out_dir={tmp_path}'])
+    save_checkpoint(dict(script='train', config={}, model={}, tokenizer={}), str(tmp_path / 'ckpt.pt'))
+    with pytest.raises(SystemExit, match='^error: --resume: .*not written by scaled_ql.py but by train.py'):
+        scaled_ql.train(['--resume', f'--out_dir={tmp_path}'])
+    assert scaled_ql.load(str(tmp_path / 'ckpt.pt')) is None  # not ours: evaluate.py goes on to load_checkpoint
+
+
+def test_scaled_ql_evaluate_plays_a_checkpoint_greedily_on_frame_stacks(sql_ckpt, tmp_path, monkeypatch):
+    """evaluate.py detects the checkpoint and plays model.act on each slot's last 4 frames (zeros before the first),
+    every decision the greedy one at epsilon 0; the score table and --out as for JOWA."""
+    calls, act = [], scaled_ql.ScaledQL.act
+    monkeypatch.setattr(scaled_ql.ScaledQL, 'act',
+                        lambda self, s, t: calls.append((s.clone(), act(self, s, t))) or calls[-1][1])
+    out = str(tmp_path / 'scores.json')
+    evaluate.main([f'--ckpt={sql_ckpt}', '--games=Pong,Atlantis', '--episodes=2', '--max_steps=3', '--epsilon=0.0',
+                   f'--out={out}'])
+    res = json.load(open(out))
+    assert res['agent'] == 'scaled_ql' and res['plan'] is False
+    assert res['cut'] == {'Pong': [True, True], 'Atlantis': [True, True]}  # capped at 3 steps: no HNS
+    assert len(calls) == 3 and all(s.shape == (4, 4, 84, 84) for s, _ in calls)  # 3 steps x 4 slots in one batch
+    envs = [evaluate.Envs(g, [0, 1]) for g in ('Pong', 'Atlantis')]  # the first frames of rollouts 0 and 1
+    first = np.concatenate([e.frames for e in envs])
+    for e in envs:
+        e.close()
+    s0 = calls[0][0].numpy()
+    assert (s0[:, :3] == 0).all() and np.array_equal(s0[:, 3], first)
+    for (prev, _), (s, _) in zip(calls, calls[1:]):
+        assert torch.equal(s[:, :3], prev[:, 1:])  # one new frame per step
+    valid = [VALID_ACTIONS[g] for g in ('Pong', 'Pong', 'Atlantis', 'Atlantis')]
+    assert all(a in v for _, acts in calls for a, v in zip(acts.tolist(), valid))
+    cfg, model = scaled_ql.load(sql_ckpt)
+    with pytest.raises(ValueError, match='no world model to plan with'):
+        evaluate.evaluate(model, None, cfg, ['Pong'], 1, plan=True)
+    with pytest.raises(SystemExit, match='^error: .*heads for Pong, Atlantis only, not Carnival'):
+        evaluate.main([f'--ckpt={sql_ckpt}', '--games=Carnival'])
+
+
+def test_compare_plays_random_and_each_agent_on_the_same_seeds(tiny, sql_ckpt, tmp_path, monkeypatch, capsys):
+    """evaluate.py --compare: one call plays the random policy, the tiny JOWA (greedy with --no-plan) and the Scaled-QL
+    checkpoint on the same seeds, each under the command line's epsilon and step cap (not the one a checkpoint saved:
+    the JOWA fixture's is 0), and prints one score table with a row per agent and game; --out holds all of it."""
+    played, play = [], evaluate.evaluate
+    monkeypatch.setattr(evaluate, 'evaluate', lambda model, tok, cfg, games, n, **k: played.append(
+        (k['policy'], k['plan'], cfg.epsilon, cfg.max_steps, games, n)) or play(model, tok, cfg, games, n, **k))
+    seeds, init = [], evaluate.Envs.__init__
+    monkeypatch.setattr(evaluate.Envs, '__init__', lambda self, g, s, v=True: seeds.append((g, list(s))) or
+                        init(self, g, s, v))
+    out = str(tmp_path / 'compare.json')
+    evaluate.main([f'--compare={tiny[0]},{sql_ckpt}', '--games=Pong', '--episodes=2', '--max_steps=3', '--no-plan',
+                   f'--out={out}'])
+    names = ['random', 'JOWA tiny greedy', 'Scaled-QL tiny']
+    assert played == [(p, False, 0.001, 3, ['Pong'], 2) for p in ('random', 'model', 'model')]
+    assert seeds == [('Pong', [0, 1])] * 3
+    table = capsys.readouterr().out.split('    policy episodes')[1]  # the score table's header, then its rows
+    assert [line[15:31].strip() for line in table.splitlines()[1:4]] == names  # a policy column of 16: the longest
+    assert table.count('Pong') == 3 and table.count('2 of 2 cut by a step/time cap') == 3
+    res = json.load(open(out))
+    assert list(res['rows']) == names and res['agents'][names[1]] == dict(ckpt=tiny[0], agent='jowa', preset='tiny',
+                                                                          plan=False)
+    assert res['agents'][names[2]]['agent'] == 'scaled_ql' and res['epsilon'] == 0.001 and res['max_steps'] == 3
+    assert all(res['rows'][n]['Pong']['episodes'] == 2 and res['rows'][n]['Pong']['cut'] == 2 for n in names)
+    # without --no-plan JOWA plans (Scaled-QL has no world model: greedy); the same checkpoint twice gets two rows
+    played.clear()
+    evaluate.main([f'--compare={tiny[0]},{sql_ckpt},{sql_ckpt}', '--games=Pong', '--episodes=1', '--max_steps=2'])
+    assert [p[:2] for p in played] == [('random', False), ('model', True), ('model', False), ('model', False)]
+    table = capsys.readouterr().out.split('    policy episodes')[1]
+    assert [line[15:32].strip() for line in table.splitlines()[1:5]] == ['random', 'JOWA tiny plan', 'Scaled-QL tiny',
+                                                                         'Scaled-QL tiny #3']
+
+
+def test_compare_bad_input_is_one_line_before_any_environment(tiny, sql_ckpt, tmp_path, monkeypatch):
+    """A checkpoint that is neither JOWA's nor Scaled-QL's, a game a Scaled-QL model has no head for or a train.py
+    checkpoint was not trained on, --compare with --ckpt: one line, and no emulator started."""
+    monkeypatch.setattr(evaluate.Envs, '__init__', lambda *a: pytest.fail('an environment started'))
+    torch.save([1, 2, 3], tmp_path / 'list.pt')
+    cfg, model, tok = M.load_checkpoint(tiny[0])
+    jowa = str(tmp_path / 'jowa' / 'ckpt.pt')  # train.py's: it records the games it was trained on
+    save_checkpoint(dict(script='train', config=asdict(cfg), model=model.state_dict(), tokenizer=tok.state_dict(),
+                         args=dict(games='Pong,Assault')), jowa)
+    for argv, message in [
+            ([f'--compare={sql_ckpt},{tmp_path}/list.pt', '--games=Pong'], 'list.pt is not a JOWA checkpoint'),
+            ([f'--compare={tiny[0]},{sql_ckpt}', '--games=Pong,Carnival'], 'heads for Pong, Atlantis only, not Carn'),
+            ([f'--compare={jowa},{sql_ckpt}', '--games=Pong,Atlantis'], 'trained on Pong, Assault, not Atlantis'),
+            ([f'--compare={jowa}', '--games=Pongg'], 'unknown game'),
+            ([f'--compare={jowa}', f'--ckpt={jowa}'], 'without --ckpt, --report or --video')]:
+        code = in_process('evaluate.py', argv, monkeypatch)
+        assert code.startswith('error: ') and '\n' not in code and message in code, code
+
+
+@pytest.mark.slow
+def test_scaled_ql_collect_process_train_evaluate(tmp_path):
+    """Real Berzerk play with a random policy -> data.py's processed form -> 200 tiny training steps -> evaluate.py
+    plays 2 capped episodes with the trained checkpoint."""
+    data.collect('Berzerk', str(tmp_path / 'replay'), steps=400, run=1, ckpt_size=400, seed=0)
+    meta = data.process_game(str(tmp_path / 'replay'), str(tmp_path / 'processed'), 'Berzerk', [1], [0], fraction=1.0)
+    assert meta['episodes'] >= 1
+    p = run_train('--preset=tiny', '--games=Berzerk', f'--data_dir={tmp_path}/processed', f'--out_dir={tmp_path}/out',
+                  '--steps=200', '--log_interval=50', script='scaled_ql.py')
+    terms = [line.split(' | ')[1].split() for line in p.stdout.splitlines() if line.startswith('step ')]
+    logs = [dict(zip(t[::2], map(float, t[1::2]))) for t in terms]
+    assert len(logs) == 4 and all(math.isfinite(v) for row in logs for v in row.values())
+    # what 200 steps learn (the TD loss stays near the entropy of its bootstrapped, still flat targets): CQL lifts the
+    # data actions' Q, so on a fixed batch the greedy action is the data action far more often than at the init
+    cfg, trained = scaled_ql.load(f'{tmp_path}/out/ckpt.pt')
+    torch.manual_seed(cfg.seed)  # the script's initialisation
+    init = scaled_ql.ScaledQL(load_ckpt(f'{tmp_path}/out')['args'], ['Berzerk'], cfg).eval()
+    b = scaled_ql.Transitions(data.load_dataset(f'{tmp_path}/processed', ['Berzerk']), ['Berzerk'], seed=1).sample(256)
+    with torch.no_grad():
+        (_, before), (_, after) = (scaled_ql.compute_loss(m, m, b, cfg) for m in (init, trained))
+        agree = [(m.q_values(m(b['obs'], b['head']), b['head']).argmax(-1) == b['action']).float().mean().item()
+                 for m in (init, trained)]
+    assert after['cql'] < before['cql'] - 0.005 and agree[1] > max(0.15, 2 * agree[0]), (before, after, agree)
+    p = run_train(f'--ckpt={tmp_path}/out/ckpt.pt', '--games=Berzerk', '--episodes=2', '--max_steps=100',
+                  f'--out={tmp_path}/scores.json', script='evaluate.py')
+    res = json.load(open(tmp_path / 'scores.json'))
+    assert res['agent'] == 'scaled_ql' and len(res['returns']['Berzerk']) == 2
+    assert 'Scaled-QL tiny' in p.stdout and 'Berzerk' in p.stdout
+
+
+@pytest.mark.slow
+def test_scaled_ql_ddp_equals_a_single_process(sql_data, tmp_path):
+    """2 gloo ranks x 1 micro-step == 1 process x 2 micro-steps: each (rank, micro-step) has its own data stream, so
+    both see the same global batches; equal weights prove the gradients were averaged over the ranks."""
+    flags = [*SQL_TINY, f'--data_dir={sql_data[0]}', '--steps=3']
+    p = run_train(*flags, f'--out_dir={tmp_path}/ddp', nproc=2, script='scaled_ql.py')
+    assert '2 rank(s) on cpu' in p.stdout and '1 micro-step(s) of 4' in p.stdout
+    run_train(*flags, f'--out_dir={tmp_path}/single', script='scaled_ql.py')
+    a, b = load_ckpt(f'{tmp_path}/ddp'), load_ckpt(f'{tmp_path}/single')
+    assert len(a['rng']) == 2 and a['samplers'] == b['samplers']
+    for k in a['model']:
+        assert torch.allclose(a['model'][k], b['model'][k], atol=1e-6), k

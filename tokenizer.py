@@ -202,6 +202,7 @@ class Tokenizer(nn.Module):
         super().__init__()
         ch, dim, self.vocab = cfg.tok_ch, cfg.tok_embed_dim, cfg.obs_vocab
         self.perceptual = getattr(cfg, 'tok_perceptual', 1.0)  # weight of the LPIPS term
+        self.fg_weight = getattr(cfg, 'tok_fg_weight', 0.0)  # extra L1 weight of foreground pixels (0 = official)
         if cfg.obs_tokens != 36:
             raise ValueError(f"the tokenizer makes a 6x6 grid = 36 tokens per frame, got obs_tokens={cfg.obs_tokens}")
         self.encoder = Encoder(ch, dim)
@@ -262,7 +263,12 @@ class Tokenizer(nn.Module):
             self.uses += torch.bincount(tokens.flatten(), minlength=self.vocab)
         rec = self.decode_latents(z + (z_q - z).detach())  # straight-through: decoder gradient goes to z
         target = x * 2 - 1
-        terms = dict(reconstruction=(target - rec).abs().mean(),
+        err = (target - rec).abs()
+        if self.fg_weight:  # option: pixels off the frame's median grey (its background) weigh 1 + fg_weight
+            bg = target.flatten(-2).median(-1).values[..., None, None]  # (..., 1, 1, 1)
+            w = 1 + self.fg_weight * ((target - bg).abs() > 0.05).float()  # 0.05: ~6 of 255 grey levels
+            err = err * (w * (w.numel() / w.sum()))  # the mean weight stays 1: the loss scale is kept
+        terms = dict(reconstruction=err.mean(),
                      # codebook + beta * commitment, beta = 1 (not VQ-VAE's 0.25)
                      commitment=(z.detach() - z_q).pow(2).mean() + (z - z_q.detach()).pow(2).mean())
         if self.perceptual == 0:

@@ -11,13 +11,17 @@ the gradients of all ranks with one all-reduce per step, so every replica holds 
     torchrun --standalone --nproc_per_node=8 train.py --preset=150M --micro_batch=32
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py ...
     python train.py --out_dir=out --resume                       # continue out/ckpt.pt exactly (config from the file)
+    python train.py --imagine=True --q_penalty=combo ...         # paper Table 6: half real, half imagined, COMBO
+
+--imagine (off by default, as in the paper): in stage 2 every step also rolls real segments on in the world model
+(plan.imagine, the code finetune.py uses; the paper's ablation: 4 real blocks + 4 epsilon-greedy steps), keeps them
+in a FIFO and trains on half real, half imagined segments (batch['real'] marks the real rows: world CE and COMBO).
 """
 import json
 import os
 import random
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -26,9 +30,11 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import (ARCH_FIELDS, JOWA, JOWAConfig, PRETRAIN_GAMES, action_mask, average_over_ranks, check_same_sizes,
-                   configure_optimizer, load_checkpoint, num_params, parse_args, read_checkpoint, remove_temp_files,
-                   save_checkpoint, task_id)
+import evaluate  # imported now: a long run's final report uses the code the run started with
+from model import (JOWA, PRETRAIN_GAMES, action_mask, average_over_ranks, check_same_sizes, configure_optimizer,
+                   device_setup, load_checkpoint, merge_resumed, num_params, parse_args, read_checkpoint,
+                   remove_temp_files, save_checkpoint, task_id)
+from plan import Planner, Replay, imagine
 from tokenizer import Tokenizer, load_lpips_weights
 
 # -----------------------------------------------------------------------------
@@ -54,21 +60,35 @@ args = dict(
     report=True,                  # at the end: evidence per stage and a random / greedy / planning score table
     demo='',                      # 'short' (or --demo alone) or 'long': DEMOS' flags, then the given ones
     demo_steps=2000,              # random-policy agent steps the demo collects per game (and 2,000 held out)
+    # synthetic segments in stage 2 (paper Table 6 last column with --q_penalty=combo; B§7.5); off, as in the paper
+    imagine=False,                # train on half real, half imagined segments (batch['real'] tells them apart)
+    imagine_after=0,              # stage-2 steps before imagination starts
+    imagine_horizon=4,            # steps rolled on from the last max_blocks - H real blocks (the paper: 4 + 4)
+    imagine_policy='egreedy',     # 'egreedy' w.r.t. the critic (the paper's ablation) or 'beam' (as finetune.py)
+    imagine_epsilon=0.1,          # egreedy: probability of a random valid action (the official schedule's final one)
+    imagine_beam=2,               # beam: width K
+    imagine_batch=0,              # segments rolled per step, summed over ranks and micro-steps (0 = batch_size)
+    replay_factor=10,             # imagined-segment FIFO capacity, in dataset segments (official)
 )
 # the demos: collect real ALE play of 3 games with a random policy, train the tiny preset on 2 CPU cores, report.
 # CPU-budget choices (all options, the official recipe is the default): codebook restarts (tok_restart) keep a short
 # tokenizer training from collapsing onto a few codes; 16 tokenizer channels and no LPIPS-VGG term make a tokenizer
-# step ~8x cheaper (LPIPS alone took ~1.4 s of a 16-frame step), so it trains on ~20x more frames, at a 10x lr.
+# step ~8x cheaper (LPIPS alone took ~1.4 s of a 16-frame step), so it trains on ~20x more frames, at a 10x lr; the
+# foreground weight (tok_fg_weight) keeps plain L1 from settling on black frames (sprites are a few % of the pixels,
+# and L1's optimum without LPIPS is the per-pixel median: the background). Stage 2: the official lrs and target
+# update (5e-5, every 1,000 steps) barely move the C51 critic off its initial uniform distribution in 10k steps
+# (every Q ~11.7, the support's middle, whatever the state), so the tiny model takes 6-10x lrs and a copy every 25.
 DEMO = ['--preset=tiny', '--games=Carnival,Assault,SpaceInvaders', '--batch_size=8', '--micro_batch=8',
-        '--tok_ch=16', '--tok_perceptual=0', '--lr_tokenizer=1e-3', '--tok_batch=16', '--tok_restart=20',
-        '--target_update=250', '--log_interval=100', '--eval_games=Carnival,Assault,SpaceInvaders']
+        '--tok_ch=16', '--tok_perceptual=0', '--tok_fg_weight=5', '--lr_tokenizer=1e-3', '--tok_batch=16',
+        '--tok_restart=20', '--lr_world2=3e-4', '--lr_critic=5e-4', '--target_update=25', '--log_interval=100',
+        '--eval_games=Carnival,Assault,SpaceInvaders']
 DEMOS = dict(
     short=DEMO + ['--data_dir=data_cache/demo/processed', '--heldout_dir=data_cache/demo/heldout', '--out_dir=out/demo',
                   '--stage1_steps=600', '--stage2_steps=2400', '--ckpt_interval=1000', '--eval_episodes=4',
                   '--eval_max_steps=2000', '--eval_max_seconds=60.0'],  # ~15 min
     long=DEMO + ['--data_dir=data_cache/long/processed', '--heldout_dir=data_cache/long/heldout', '--out_dir=out/long',
-                 '--demo_steps=10000', '--stage1_steps=3000', '--stage2_steps=10000', '--ckpt_interval=2000',
-                 '--eval_episodes=16', '--eval_max_steps=27000', '--eval_max_seconds=900.0'],  # ~90 min
+                 '--demo_steps=10000', '--stage1_steps=2000', '--stage2_steps=10000', '--ckpt_interval=2000',
+                 '--eval_episodes=16', '--eval_max_steps=27000', '--eval_max_seconds=600.0'],  # ~60 min
 )
 argv = sys.argv[1:]
 demo = next((a.partition('=')[2] or 'short' for a in argv if a.split('=')[0] == '--demo'), '')
@@ -77,7 +97,9 @@ if demo and demo not in DEMOS:
     raise SystemExit(f"error: --demo={demo}: choose --demo (short) or --demo=long")
 argv = DEMOS[demo] + [a for a in argv if a.split('=')[0] != '--demo'] + [f'--demo={demo}'] if demo else argv
 RULES = dict(out_dir='dir', stop_at='>=0', log_interval='>0', ckpt_interval='>=0', eval_interval='>=0',
-             eval_episodes='>=0', eval_max_steps='>0', eval_max_seconds='>0', demo_steps='>0')
+             eval_episodes='>=0', eval_max_steps='>0', eval_max_seconds='>0', demo_steps='>0', imagine_after='>=0',
+             imagine_horizon='>0', imagine_policy=('beam', 'egreedy'), imagine_epsilon='[0,1]', imagine_beam='>0',
+             imagine_batch='>=0', replay_factor='>0')
 cfg, args = parse_args(argv, args, RULES)
 given = {a[2:].partition('=')[0].replace('-', '_') for a in argv}
 ckpt_path = os.path.join(args['out_dir'], 'ckpt.pt')
@@ -87,17 +109,13 @@ try:  # every name and file checked before any work
     for g in {*args['games'].split(','), *args['eval_games'].split(',')}:
         task_id(g), action_mask(g)
     ckpt = read_checkpoint(ckpt_path, 'train') if args['resume'] else None
+    if ckpt:  # the saved config and settings, except what this command line gives again
+        cfg, args = merge_resumed(cfg, args, given, ckpt)
     init = load_checkpoint(args['init_from']) if args['init_from'] and not ckpt else None
     if init:
         check_same_sizes(cfg, init[0], f"--init_from={args['init_from']}")
 except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}")
-if ckpt:  # the saved config and settings, except what this command line gives again
-    for k in given & set(ARCH_FIELDS):
-        if getattr(cfg, k) != ckpt['config'][k]:
-            raise SystemExit(f"error: --{k}={getattr(cfg, k)} differs from the checkpoint's {ckpt['config'][k]!r}")
-    cfg = JOWAConfig(**{**ckpt['config'], **{k: v for k, v in asdict(cfg).items() if k in given}})
-    args.update({k: v for k, v in ckpt['args'].items() if k not in given | {'resume', 'stop_at', 'init_from'}})
 try:  # the folders, as resumed
     for d in ('data_dir', 'heldout_dir'):  # (a demo collects its own)
         if args[d] and not args['demo'] and not os.path.isdir(args[d]):
@@ -105,6 +123,14 @@ try:  # the folders, as resumed
     data.check_apart(('out_dir', args['out_dir']), [(k, args[k]) for k in ('data_dir', 'heldout_dir')])
 except ValueError as e:
     raise SystemExit(f"error: {e}")
+if args['imagine']:  # against the model, as resumed
+    if not args['imagine_horizon'] < cfg.max_blocks:
+        raise SystemExit(f"error: --imagine_horizon={args['imagine_horizon']} must be in 1..{cfg.max_blocks - 1} "
+                         f"(the model's {cfg.max_blocks} blocks keep one real block to imagine from)")
+    if cfg.objective == 'bc':
+        raise SystemExit("error: --imagine needs a world model to imagine with: not with --objective=bc")
+    if cfg.micro_batch < 2:
+        raise SystemExit(f"error: --imagine needs --micro_batch >= 2 (half real, half imagined), got {cfg.micro_batch}")
 
 # -----------------------------------------------------------------------------
 # DDP, device, dtype, seeds
@@ -120,13 +146,12 @@ if ddp:
         torch.cuda.set_device(device)
 else:
     rank, local_rank, world_size, local_world = 0, 0, 1, 1
-    device = ('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device
+    device = None  # cfg.device
+device, dtype, ctx = device_setup(cfg, device)
 master = rank == 0  # logs, evaluates and writes the checkpoint
 if master:
     remove_temp_files(args['out_dir'])
-device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-dtype = ('bfloat16' if device_type == 'cuda' else 'float32') if cfg.dtype == 'auto' else cfg.dtype
-ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type, dtype=getattr(torch, dtype))
+device_type = torch.device(device).type
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 accum = cfg.batch_size // (cfg.micro_batch * world_size)  # gradient-accumulation micro-steps per optimizer step
 if accum < 1 or accum * cfg.micro_batch * world_size != cfg.batch_size:
@@ -136,6 +161,10 @@ n_workers = world_size * accum  # one data stream per (rank, micro-step): the gl
 if cfg.tok_batch % n_workers:
     raise SystemExit(f"error: tok_batch={cfg.tok_batch} must be a multiple of {world_size} ranks x {accum} micro-steps")
 tok_micro = cfg.tok_batch // n_workers  # tokenizer frames per micro-step
+imagine_micro = (args['imagine_batch'] or cfg.batch_size) // n_workers  # segments each data stream rolls on per step
+if args['imagine'] and imagine_micro * n_workers != (args['imagine_batch'] or cfg.batch_size):
+    raise SystemExit(f"error: imagine_batch={args['imagine_batch']} must be a multiple of {world_size} ranks x "
+                     f"{accum} micro-steps")
 total_steps = cfg.stage1_steps + cfg.stage2_steps
 if master:
     print(f"{world_size} rank(s) on {device} ({dtype}), {accum} micro-step(s) of {cfg.micro_batch} segments per rank: "
@@ -158,6 +187,15 @@ try:
 except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}")
 samplers = [data.Sampler(dataset, cfg.max_blocks, cfg.seed, rank * accum + i) for i in range(accum)]
+# --imagine: per data stream a second sampler (the segments to roll on) and a generator (epsilon coins, replay rows);
+# the FIFO of imagined segments is the same on every rank (see imagine_step)
+isamplers = [data.Sampler(dataset, cfg.max_blocks, cfg.seed + 1, rank * accum + i) for i in range(accum)]
+igens = [torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, rank * accum + i]).generate_state(1)[0]))
+         for i in range(accum)]
+replay = Replay(args['replay_factor'] * sum(d['segments'] for d in dataset)) if args['imagine'] else None
+if replay is not None and ckpt and ckpt.get('replay') and ckpt['replay']['capacity'] != replay.capacity:
+    raise SystemExit(f"error: the checkpoint's imagined-segment FIFO holds {ckpt['replay']['capacity']} segments, "
+                     f"this run's {replay.capacity}: resume with its --replay_factor and data")
 
 # -----------------------------------------------------------------------------
 # models (same seed on every rank: identical replicas), optimizers, compile
@@ -190,8 +228,13 @@ for g, lr in zip(optimizer.param_groups, (cfg.lr_world1 if stage == 1 else cfg.l
 if cfg.compile:  # in place: state-dict names stay clean, and compute_loss's call of the model hits the compiled code
     for m in (model, tokenizer.encoder, tokenizer.decoder):
         m.compile()
+# imagination decodes by Jacobi iteration always: the planner's adaptive choice (jacobi=None) follows its own history,
+# which a resumed run would not have (both decode the same greedy tokens, in other floating-point order)
+planner = Planner(model, compile=cfg.compile, jacobi=True) if args['imagine'] else None
 if master:
-    print(f"JOWA {cfg.preset}: {num_params(model):,} parameters; tokenizer {sum(p.numel() for p in tok_params):,}")
+    print(f"JOWA {cfg.preset}: {num_params(model):,} parameters; tokenizer {sum(p.numel() for p in tok_params):,}" +
+          (f"; imagination from stage-2 step {args['imagine_after']}: {args['imagine_policy']}, H "
+           f"{args['imagine_horizon']}, FIFO of {replay.capacity} segments" if replay is not None else ''))
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -261,11 +304,15 @@ def save():
     sums = gather(torch.stack([p.detach().double().sum() for p in params + tok_params]).cpu())
     if any(not torch.equal(s, sums[0]) for s in sums):
         raise RuntimeError(f"DDP replicas differ at step {step}: gradients were not synchronised")
+    imag = {}
+    if replay is not None:  # the imagination streams of every rank; the FIFO is the same on every rank: rank 0's
+        imag = dict(isamplers=sum(gather([s.state_dict() for s in isamplers]), []),
+                    igens=sum(gather([g.get_state() for g in igens]), []), replay=master and replay.state_dict())
     if master:
         save_checkpoint(dict(script='train', config=asdict(cfg), args=args, step=step, stage=stage,
-                             model=model.state_dict(), tokenizer=tokenizer.state_dict(), optimizer=optimizer.state_dict(),
-                             tok_optimizer=tok_optimizer.state_dict(), samplers=streams, rng=rngs, tok_uses=uses,
-                             replica_checksums=sums), ckpt_path)
+                             model=model.state_dict(), tokenizer=tokenizer.state_dict(),
+                             optimizer=optimizer.state_dict(), tok_optimizer=tok_optimizer.state_dict(),
+                             samplers=streams, rng=rngs, tok_uses=uses, replica_checksums=sums, **imag), ckpt_path)
     saved = step
 
 
@@ -280,17 +327,38 @@ def enter_stage2():
     data.load_dataset(args['data_dir'], games, tokens=True)  # checks every game's cache
 
 
+def imagine_step():
+    """Every data stream of this rank rolls imagine_micro segments on (plan.imagine), then every rank's go into the
+    FIFO. Synchronised: the imagined segments are all-gathered (rank, then micro-step order), so every rank's FIFO
+    holds the same segments in the same order (the official code gathers them too), imagined with the same weights
+    (averaged gradients). Not synchronised: each (rank, micro-step) stream draws its own source segments, epsilon
+    coins and replay rows, so the global batch does not depend on how it is split over ranks."""
+    model.eval()  # no dropout while imagining
+    new = []
+    for isampler, gen in zip(isamplers, igens):
+        b = {k: v.to(device) for k, v in isampler.sample(imagine_micro, tokens=True).items()}
+        with ctx:
+            seg = imagine(planner, tokenizer, b, args['imagine_horizon'], args['imagine_beam'],
+                          args['imagine_epsilon'] if args['imagine_policy'] == 'egreedy' else None, gen)
+        new.append(None if seg is None else {k: v.cpu() for k, v in seg.items()})
+    model.train()
+    for seg in sum(gather(new), []):
+        if seg is not None:
+            replay.push(seg)
+
+
 def evaluate_now():
     """Q-greedy evaluation without planning (B§5.9) on a fresh uncompiled copy; training RNG streams untouched."""
-    from evaluate import evaluate, summarize
     state = rng_state()
     copy = JOWA(cfg).to(device)
     copy.load_state_dict(model.state_dict())
-    returns, cut = evaluate(copy.eval(), tokenizer.eval(), cfg, args['eval_games'].split(','), args['eval_episodes'],
-                       plan=False, max_steps=args['eval_max_steps'], max_seconds=args['eval_max_seconds'])
+    returns, cut = evaluate.evaluate(copy.eval(), tokenizer.eval(), cfg, args['eval_games'].split(','),
+                                     args['eval_episodes'], plan=False, max_steps=args['eval_max_steps'],
+                                     max_seconds=args['eval_max_seconds'])
     tokenizer.train(stage == 1)
     set_rng_state(state)
-    print(f"evaluation at step {step}, no planning:\n{summarize(returns, cfg.preset, plan=False, cut=cut)[0]}", flush=True)
+    table = evaluate.summarize(returns, cfg.preset, plan=False, cut=cut)[0]
+    print(f"evaluation at step {step}, no planning:\n{table}", flush=True)
     return {f'eval/{g}': float(np.mean(r)) for g, r in returns.items() if r}
 
 
@@ -302,12 +370,18 @@ if ckpt and len(ckpt['samplers']) == n_workers and len(ckpt['rng']) == world_siz
     set_rng_state(ckpt['rng'][rank])
     if 'tok_uses' in ckpt:
         tokenizer.uses.copy_(ckpt['tok_uses'][rank])
+    if replay is not None and 'isamplers' in ckpt:
+        for i, (s, g) in enumerate(zip(isamplers, igens)):
+            s.load_state_dict(ckpt['isamplers'][rank * accum + i])
+            g.set_state(ckpt['igens'][rank * accum + i])
 else:
     if ckpt and master:
         print(f"note: the checkpoint has other ranks/micro-steps, the data streams restart from seed {cfg.seed}")
     torch.manual_seed(cfg.seed + rank + step)  # dropout masks differ between ranks
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
+if replay is not None and ckpt and ckpt.get('replay'):
+    replay.load_state_dict(ckpt['replay'])
 if stage == 2:
     enter_stage2()
 if args['wandb'] and master:
@@ -346,9 +420,17 @@ while True:
         if master:
             print(f"step {step}: stage 2, tokenizer frozen, token cache ready")
 
+    imagining = replay is not None and stage == 2 and step >= cfg.stage1_steps + args['imagine_after']
+    if imagining:
+        imagine_step()
     stats = {}
-    for sampler in samplers:  # one micro-step per data stream of this rank
-        batch = sampler.sample(cfg.micro_batch, tokens=stage == 2)
+    for sampler, gen in zip(samplers, igens):  # one micro-step per data stream of this rank
+        n_real = cfg.micro_batch // 2 if imagining else cfg.micro_batch
+        batch = sampler.sample(n_real, tokens=stage == 2)
+        if imagining:  # half real, half imagined rows (none yet while the FIFO is empty); 'real' tells them apart
+            parts = [dict(batch, real=torch.ones(n_real, dtype=torch.bool))]
+            parts += [replay.sample(cfg.micro_batch - n_real, gen)] if replay.size else []
+            batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with ctx:
             loss, terms = model.compute_loss(batch, tokenizer, stage)
@@ -392,7 +474,8 @@ while True:
             mem = f" | {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device_type == 'cuda' else ''
             print(f"step {step} | stage {stage} | " + ' '.join(f'{k} {v:.4f}' for k, v in logs.items()) +
                   f" | lr {optimizer.param_groups[0]['lr']:.1e} | {dt * 1000:.0f} ms | "
-                  f"{cfg.batch_size * cfg.max_tokens / dt:,.0f} tok/s{mem}", flush=True)
+                  f"{cfg.batch_size * cfg.max_tokens / dt:,.0f} tok/s{mem}" +
+                  (f" | imagined FIFO {replay.size}" if imagining else ''), flush=True)
             log.append(dict(step=step, stage=stage, **logs))
             with open(log_path, 'a') as f:
                 f.write(json.dumps(log[-1]) + '\n')
@@ -400,10 +483,9 @@ while True:
                 wandb.log({**logs, 'stage': stage, 'ms_per_step': dt * 1000}, step=step)
 
 if master and args['report'] and step == total_steps:  # evidence per stage (evaluate.report), rank 0
-    from evaluate import report
     heldout = args['heldout_dir'] or args['data_dir']
     if not args['heldout_dir']:
         print(f"note: no --heldout_dir, so the report's frames come from the training data {heldout}")
-    report(model.eval(), tokenizer.eval(), cfg, games, args['out_dir'], heldout, log, args['eval_episodes'],
+    evaluate.report(model.eval(), tokenizer.eval(), cfg, games, args['out_dir'], heldout, log, args['eval_episodes'],
            args['eval_max_steps'], args['eval_max_seconds'])
 cleanup()
