@@ -132,6 +132,8 @@ class Block(nn.Module):
 
 
 class ScaledQL(nn.Module):
+    """The Scaled-QL network (JOWA App. E.1.5): one shared representation of 4 stacked frames and a C51 head per
+    game of `games`, each over that game's valid actions only (args: the architecture settings, cfg: the atoms)."""
 
     def __init__(self, args, games, cfg):
         super().__init__()
