@@ -31,7 +31,8 @@ import torch.multiprocessing as mp
 import data
 from model import (JOWA, PRESETS, PRETRAIN_GAMES, average_over_ranks, configure_optimizer, device_setup, load_checkpoint,
                    make_config, num_params, parse_args, task_id)
-from plan import MCTS, Planner, make_context
+from mcts import MCTS
+from plan import Planner, make_context
 from tokenizer import Tokenizer
 
 
@@ -391,7 +392,7 @@ def bench_plan(argv):
     the episode's next frame follows the recorded action, not the plan's, so the guess is a little worse than
     there)."""
     extra = dict(threads=0, repeats=5, envs='1,16', dtypes='float32,bfloat16', beams='0,2,4', freeze=False, ckpt='',
-                 data='', games='Carnival,Assault,SpaceInvaders', jacobi='auto', max_passes=0, consecutive=True)
+                 data='', games='Carnival,Assault,SpaceInvaders', jacobi='auto', max_passes=8, consecutive=True)
     cfg, args = parse_args(['--preset=40M'] + argv, extra)
     if args['threads']:
         torch.set_num_threads(args['threads'])
@@ -408,9 +409,8 @@ def bench_plan(argv):
             cfg, model, ckpt_tokenizer = load_checkpoint(args['ckpt'], compile=cfg.compile)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}")
-    planner = Planner(model, compile=cfg.compile, freeze=args['freeze'],
-                      jacobi=dict(auto=None, on=True, off=False)[args['jacobi']])
-    planner.max_passes = args['max_passes'] or planner.max_passes
+    planner = Planner(model, compile=cfg.compile, freeze=args['freeze'], jacobi=dict(auto=None, on=True, off=False)[args['jacobi']],
+                      max_passes=args['max_passes'])
     n_ctx = 6  # blocks: the longest root context with H = 2
     L = n_ctx * 37 - 1
     consecutive = bool(args['data']) and args['consecutive']
@@ -430,7 +430,7 @@ def bench_plan(argv):
           f"{cfg.obs_vocab}, {args['ckpt'] or 'random weights'}), encode timed with a {tok_size} "
           f"tokenizer, context {n_ctx} blocks "
           f"({source}); medians of {args['repeats']} "
-          f"repeats; passes: Jacobi passes per imagined block (fallbacks to token by token)")
+          f"repeats; passes: forward passes per imagined block (token by token: 37)")
     peaks = {}
     for name in args['dtypes'].split(','):
         dtype = getattr(torch, name)
@@ -480,7 +480,7 @@ def bench_plan(argv):
                     vs = f'{dps / OFFICIAL[K]:10.1f}x' if N == 1 and name == 'float32' else ''
                     policy = 'greedy' if K == 0 else f'beam H2 K{K}'
                     st = planner.stats
-                    passes = f"{st['passes'] / st['blocks']:.2f} ({st['fallbacks']})" if st['blocks'] else '-'
+                    passes = f"{st['passes'] / st['blocks']:.2f}" if st['blocks'] else '-'
                     print(f"{name:>9} {N:>4} {policy:>12} {dps:>12.2f} {vs:>11} {pl * 1e3:>8.0f} {enc * 1e3:>9.0f} "
                           f"{flops / pl / 1e9:>8.1f} {flops / pl / peaks[name]:>7.0%} {passes:>10}")
                     rows.append((name, N, policy, flops / pl))

@@ -299,6 +299,43 @@ class Sampler:
     def load_state_dict(self, state):
         self.rng.bit_generator.state = state['rng']
 
+class Replay:
+    """FIFO of imagined segments on the CPU (B§7.5): tokens, or frames as uint8 (divided by 255 again when drawn).
+    sample draws with the replay's generator, or a caller's (train.py: one per data stream)."""
+
+    def __init__(self, capacity, seed=0):
+        self.capacity, self.data, self.next, self.size = capacity, None, 0, 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def push(self, seg):
+        seg = {k: v[-self.capacity:].cpu() for k, v in seg.items()}
+        if seg['observations'].is_floating_point():
+            seg['observations'] = seg['observations'].mul(255).round().to(torch.uint8)
+        if self.data is None:  # torch.empty: memory pages are only touched as the FIFO fills
+            self.data = {k: torch.empty(self.capacity, *v.shape[1:], dtype=v.dtype) for k, v in seg.items()}
+        idx = (self.next + torch.arange(len(seg['envs']))) % self.capacity
+        for k, v in seg.items():
+            self.data[k][idx] = v
+        self.next, self.size = int(idx[-1] + 1) % self.capacity, min(self.size + len(idx), self.capacity)
+
+    def sample(self, n, generator=None):
+        idx = torch.randint(self.size, (n,), generator=self.gen if generator is None else generator)
+        b = {k: v[idx] for k, v in self.data.items()}
+        obs = b['observations']
+        return dict(b, observations=obs.float().div(255) if obs.dtype == torch.uint8 else obs)
+
+    def state_dict(self):
+        return dict(data=self.data and {k: v[:self.size].clone() for k, v in self.data.items()}, next=self.next,
+                    size=self.size, capacity=self.capacity, gen=self.gen.get_state())
+
+    def load_state_dict(self, s):
+        self.next, self.size, self.data = 0, 0, None
+        if s['data'] is not None:
+            self.push(s['data'])  # rows 0..size-1, already uint8 frames or tokens
+        self.next, self.size = s['next'], s['size']
+        self.gen.set_state(s['gen'])
+
+
 # -----------------------------------------------------------------------------
 # token cache (B§6.4)
 

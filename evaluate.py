@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from model import (HELDOUT_GAMES, KVCache, PRETRAIN_GAMES, REF_SCORES, VALID_ACTIONS, action_mask, device_setup,
                    load_checkpoint, normalized_score, parse_args, task_id)
-from plan import MCTS, Planner
+from mcts import MCTS
+from plan import Planner
 
 # -----------------------------------------------------------------------------
 # official per-game settings (B§8.4): beam width K (all sizes), context blocks per model size, mean raw scores
@@ -143,11 +144,12 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
         raise ValueError("a model-free agent (Scaled-QL) has no world model to plan with: evaluate it with plan=False")
     dev = next(model.parameters()).device
     amp = device_setup(cfg, dev)[2]
-    max_steps, batch = max_steps or cfg.max_steps, batch or (64 if dev.type == 'cuda' else 16)
+    max_steps, batch = max_steps or cfg.max_steps, batch or 64  # 64: bounds the planner's per-candidate KV caches
     if not model_free:
         mcts = cfg.planner == 'mcts'  # MCTS (paper Table 5) instead of beam search: the same call, its own settings
         planner = (MCTS if mcts else Planner)(model, compile=cfg.compile, freeze=freeze)
-        search = dict(simulations=cfg.mcts_simulations, temperature=cfg.mcts_temperature) if mcts else {}
+        search = dict(simulations=cfg.mcts_simulations, temperature=cfg.mcts_temperature) if mcts else \
+            dict(lam=cfg.plan_lambda)
         tokenizer.to(memory_format=torch.channels_last)  # in place (same values): NHWC convolutions encode ~20% faster
     sets = {g: game_settings(cfg, g, plan, horizon, beam, context) for g in games}
     H = sets[games[0]][1]
@@ -648,8 +650,8 @@ def main(argv):
         raise SystemExit(f"error: --video={args['video']}: the file must end in .npy, .mp4 or .avi")
     given = {a[2:].partition('=')[0].replace('-', '_') for a in argv}
     overrides = {k: getattr(cli, k) for k in ('horizon', 'beam', 'context', 'epsilon', 'max_steps', 'dtype', 'device',
-                                             'compile', 'planner', 'mcts_simulations', 'mcts_temperature')
-                 if k in given}  # onto the checkpoint's own config
+                                             'compile', 'planner', 'mcts_simulations', 'mcts_temperature',
+                                             'plan_lambda') if k in given}  # onto the checkpoint's own config
     if cli.planner == 'mcts' and 'horizon' not in given:  # eval_MCTS.sh: H 6 (max depth 5), not the beam's 2
         overrides['horizon'] = 6
     groups = {'pretrain': list(PRETRAIN_GAMES), 'heldout': list(HELDOUT_GAMES)}

@@ -34,7 +34,8 @@ from evaluate import evaluate
 from model import (ARCH_FIELDS, REF_SCORES, action_mask, configure_optimizer, device_setup, load_checkpoint,
                    merge_resumed, normalized_score, parse_args, read_checkpoint, remove_temp_files, save_checkpoint,
                    task_id)
-from plan import Planner, Replay, imagine  # the imagination code train.py --imagine shares
+from data import Replay
+from plan import Planner, imagine  # the imagination code train.py --imagine shares
 from tokenizer import load_lpips_weights
 
 DEFAULTS = dict(init='', game='Pong', data='', out_dir='out/finetune', resume=False,

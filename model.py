@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer import Tokenizer, convert_official_tokenizer, strip_prefixes
+
 # -----------------------------------------------------------------------------
 # config
 
@@ -77,6 +79,7 @@ class JOWAConfig:
     planner: str = 'beam'      # 'beam' (the paper's) or 'mcts' (its Table 5 comparison, plan.MCTS)
     mcts_simulations: int = 20  # MCTS simulations per decision (official eval_MCTS.sh)
     mcts_temperature: float = 0.9  # MCTS priors softmax(Q / T) (official eval_MCTS.sh)
+    plan_lambda: float = 1.0   # beam score: lambda-return of the path's n-step estimates (1 = official, 0 = greedy)
     beam: int = 0              # beam width K (0 = per-game official table)
     context: int = 0           # context blocks at decision time (0 = per-game official table)
     epsilon: float = 0.001     # probability of a random valid action at evaluation
@@ -203,7 +206,7 @@ CONFIG_RULES = dict(
     tok_perceptual='>=0', tok_fg_weight='>=0', lr_tokenizer='>0', lr_world1='>0', lr_world2='>0', lr_critic='>0',
     weight_decay='>=0', grad_clip='>0', target_update='>0', dtype=('auto', 'float32', 'bfloat16', 'float16'), horizon='>=0',
     beam='>=0', context='>=0', epsilon='[0,1]', max_steps='>0', planner=('beam', 'mcts'), mcts_simulations='>0',
-    mcts_temperature='>0')
+    mcts_temperature='>0', plan_lambda='[0,1]')
 
 
 def writable(path, folder):
@@ -323,9 +326,10 @@ def normalized_score(game, score, kind='human'):
 # world-action transformer (B§2)
 
 class KVCache:
-    """Preallocated keys and values of every layer, each (n_layer, B, n_head, max_tokens, head_dim).
-    Positions are per row (see JOWA.forward), so rows may hold contexts of different lengths; length (default
-    max_tokens) is the number of positions held."""
+    """Preallocated keys and values of every layer, each (n_layer, B, n_head, length, head_dim), length (default
+    max_tokens) the positions held. Positions are per row (see JOWA.forward), so rows may hold contexts of different
+    lengths. select copies rows (beam expansion and pruning); read/write move blocks of positions per row (a search
+    tree that keeps each node's block apart, mcts.py)."""
 
     def __init__(self, cfg, batch, device='cpu', dtype=torch.float32, length=None):
         shape = (cfg.n_layer, batch, cfg.n_head, length or cfg.max_tokens, cfg.n_embd // cfg.n_head)
@@ -337,6 +341,20 @@ class KVCache:
         new = KVCache.__new__(KVCache)
         new.k, new.v = self.k.index_select(1, idx), self.v.index_select(1, idx)
         return new
+
+    def _index(self, pos, n):  # (L, B, nh, n, hd) index of positions pos (B,) .. pos + n - 1
+        L, B, nh, _, hd = self.k.shape
+        return (pos[:, None] + torch.arange(n, device=pos.device))[None, :, None, :, None].expand(L, B, nh, n, hd)
+
+    def read(self, pos, n):
+        """Keys and values (L, B, nh, n, hd) at positions pos (B,) .. pos + n - 1 of each row."""
+        idx = self._index(pos, n)
+        return self.k.gather(3, idx), self.v.gather(3, idx)
+
+    def write(self, pos, k, v):
+        """Store k, v (L, B, nh, n, hd) at positions pos (B,) .. pos + n - 1 of each row."""
+        idx = self._index(pos, k.shape[3])
+        self.k.scatter_(3, idx, k), self.v.scatter_(3, idx, v)
 
 
 def dropout(x, p, training=True):
@@ -368,19 +386,14 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.resid_drop = Dropout(cfg.dropout)
 
-    def forward(self, x, cache=None, layer=0, write_idx=None, mask=None, lin=None, rows=None):
+    def forward(self, x, cache=None, layer=0, write_idx=None, mask=None):
         B, T, C = x.shape
-        q, k, v = (lin(self.c_attn, x) if lin else self.c_attn(x)).split(C, dim=2)
+        q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
         if cache is not None and write_idx is None:  # prefill from position 0: keys/values go to [0, T)
             cache.k[layer, :, :, :T], cache.v[layer, :, :, :T] = k, v
-        if rows is not None:  # a window from position 0, queries only at positions rows (B, n): causal by position
-            q = q.gather(2, rows[:, None, :, None].expand(-1, self.n_head, -1, C // self.n_head))  # (B, nh, n, hs)
-            causal = (torch.arange(T, device=x.device) <= rows[..., None])[:, None]  # (B, 1, n, T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
-            T = rows.shape[1]
-        elif cache is None and p > 0 and x.device.type == 'cpu':  # training on CPU: written out for the cheaper
+        if cache is None and p > 0 and x.device.type == 'cpu':  # training on CPU: written out for the cheaper
             # dropout mask (SDPA's math path would draw it with F.dropout); scale and causal mask fused in the matmul
             causal = torch.full((T, T), float('-inf'), device=x.device).triu(1)  # (T, T) 0 / -inf
             hs = C // self.n_head
@@ -397,7 +410,7 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype),
                                                attn_mask=mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return lin(self.proj, y) if lin else self.resid_drop(self.proj(y))
+        return self.resid_drop(self.proj(y))
 
 
 class Block(nn.Module):
@@ -410,10 +423,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
                                  nn.Linear(4 * cfg.n_embd, cfg.n_embd), Dropout(cfg.dropout))
 
-    def forward(self, x, lin=None, rows=None, **kw):
-        y = self.attn(self.ln1(x), lin=lin, rows=rows, **kw)
-        x = (x if rows is None else x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))) + y
-        return x + (lin(self.mlp[2], lin(self.mlp[0], self.ln2(x), 'gelu')) if lin else self.mlp(self.ln2(x)))
+    def forward(self, x, **kw):
+        x = x + self.attn(self.ln1(x), **kw)
+        return x + self.mlp(self.ln2(x))
 
 
 class QHead(nn.Module):
@@ -485,18 +497,11 @@ class JOWA(nn.Module):
         self.head_q_target.eval()  # the target head never uses dropout
         return self
 
-    def forward(self, tokens, tasks, cache=None, pos=None, lin=None, rows=None):
+    def forward(self, tokens, tasks, cache=None, pos=None):
         """tokens (B, T) interleaved obs / action ids, tasks (B,) -> hidden states (B, T, E) after ln_f.
         Without a cache, or with a cache and pos None (prefill), the window starts at position 0. With a cache and
         pos (B,), the position of tokens[:, 0] in each row's window, keys/values are written there and each token
-        attends to the cached positions <= its own. lin(module, x, act): runs the blocks' linear layers, act None or
-        'gelu' (the planner's prepacked weights, plan.PackedLinears); eval mode only (it skips dropout).
-        rows (B, n), window from position 0 only: the hidden states at those positions (B, n, E); the last block
-        runs its attention, projection and MLP only there (the planner's prefill reads 37 of ~220 positions)."""
-        if lin is not None and self.training:
-            raise ValueError("lin= runs the linear layers without dropout: eval mode only")
-        if rows is not None and pos is not None:
-            raise ValueError("rows= selects outputs of a window from position 0: not with pos=")
+        attends to the cached positions <= its own (the planner's decoding, plan.py)."""
         B, T = tokens.shape
         p = torch.arange(T, device=tokens.device) + (0 if pos is None else pos[:, None])  # (B, T) (or (T,)) positions
         is_act = (p % self.cfg.tokens_per_block) == self.cfg.obs_tokens  # (B, T) action-token positions
@@ -505,10 +510,10 @@ class JOWA(nn.Module):
         x = self.drop(tok + self.pos_emb(p) + task)
         kw = {} if cache is None else dict(cache=cache)
         if cache is not None and pos is not None:
-            keys = torch.arange(self.cfg.max_tokens, device=tokens.device)
+            keys = torch.arange(cache.k.shape[3], device=tokens.device)
             kw = dict(cache=cache, write_idx=p, mask=(keys <= p[..., None])[:, None])  # mask (B, 1, T, S)
         for i, block in enumerate(self.blocks):
-            x = block(x, layer=i, lin=lin, rows=rows if i == len(self.blocks) - 1 else None, **kw)
+            x = block(x, layer=i, **kw)
         return self.ln_f(x)
 
     def world_logits(self, h):
@@ -657,18 +662,6 @@ def configure_optimizer(model, lr_world, lr_critic, weight_decay):
 # -----------------------------------------------------------------------------
 # checkpoints: ours (one ckpt.pt dict) and the official tokenizer.pt + JOWA_<size>.pt pair (B§10.3)
 
-def strip_prefixes(sd):
-    """Drop the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes the official files may carry."""
-    out = {}
-    for k, v in sd.items():
-        for prefix in ('_orig_mod.module.', 'module.', '_orig_mod.'):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-                break
-        out[k] = v
-    return out
-
-
 _RENAMES = [  # official name pattern -> ours
     (r'^transformer\.blocks\.', 'blocks.'), (r'^transformer\.ln_f\.', 'ln_f.'),
     (r'^embedder\.embedding_tables\.0\.', 'act_emb.'), (r'^embedder\.embedding_tables\.1\.', 'obs_emb.'),
@@ -744,7 +737,6 @@ def _torch_load(path):
 
 def load_official(tokenizer_sd, jowa_sd, cfg=None):
     """Official state dicts (any prefix) -> (cfg, model, tokenizer). cfg defaults to the matching preset."""
-    from tokenizer import Tokenizer, convert_official_tokenizer
     sd = convert_official_jowa(jowa_sd)  # a no-op on an already converted dict
     cfg = cfg or config_from_official(sd)
     model = JOWA(cfg)
@@ -758,7 +750,6 @@ def load_checkpoint(path, cfg=None, **overrides):
     """Our ckpt.pt, or the official pair given as 'tokenizer.pt,JOWA_40M.pt' or a directory holding both.
     Returns (cfg, model, tokenizer) in eval mode on the CPU. overrides (plan / eval / loss fields) are applied
     before the model is built; cfg sizes an official pair that matches no preset (e.g. a test model)."""
-    from tokenizer import Tokenizer
     paths = path.split(',')
     if len(paths) == 1 and os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.startswith('JOWA_') and f.endswith('.pt'))

@@ -4,7 +4,6 @@ JOWA tests: CPU, tiny configs, the official fixtures (../shared/fixtures), real 
     python -m pytest -q test_jowa.py            # default suite
     python -m pytest -q -m slow test_jowa.py    # end-to-end runs (torchrun DDP, resume, compiled planner)
 """
-import copy
 import gzip
 import hashlib
 import importlib.util
@@ -31,6 +30,7 @@ import data
 import evaluate
 import finetune
 import model as M
+import mcts
 import plan
 import scaled_ql
 import tokenizer
@@ -1128,30 +1128,6 @@ def test_context_too_long_for_the_horizon_is_an_error(fx, official):
         Planner(official)(ctx, torch.tensor([ctx.shape[1]]), torch.tensor([3]), beam=2, horizon=2)
 
 
-def test_packed_decoding_equals_plain_and_follows_parameter_updates(fx, official):
-    """Eager CPU decoding runs on oneDNN-prepacked weights (plan.PackedLinears). It equals decoding with plain
-    F.linear, and an in-place parameter update (what an optimizer step does while fine-tuning) repacks them."""
-    ctx, lens, tasks, K = mixed_batch(fx)
-    model = copy.deepcopy(official)
-    packed, plain = Planner(model), Planner(model)
-    plain.packed = None  # plain.lin stays plan.linear
-    a, b = (p(ctx, lens, tasks, beam=K, horizon=2, trace=True) for p in (packed, plain))
-    assert packed.lin is not plain.lin
-    for k in ('action', 'actions', 'rewards', 'obs'):
-        assert torch.equal(a[k], b[k]), k
-    for x, y in zip(a['trace'], b['trace']):
-        assert torch.equal(x['obs'], y['obs']) and torch.allclose(x['q'], y['q'], atol=1e-5, equal_nan=True)
-    with torch.no_grad():
-        for p in model.blocks.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    c, d = packed(ctx, lens, tasks, beam=K, horizon=2, trace=True), Planner(model)(ctx, lens, tasks, beam=K, horizon=2,
-                                                                                 trace=True)
-    assert not torch.equal(c['trace'][0]['obs'], a['trace'][0]['obs'])  # the update changed the imagined frames
-    for x, y in zip(c['trace'], d['trace']):  # ...and the reused planner saw it, like a fresh one (which may decode
-        # by Jacobi where the reused one, having seen poor guesses, decodes token by token: Q equal to rounding)
-        assert torch.equal(x['obs'], y['obs']) and torch.allclose(x['q'], y['q'], atol=1e-5, equal_nan=True)
-
-
 def assert_same_plans(a, b):
     for k in ('action', 'actions', 'rewards', 'ends', 'obs'):
         assert torch.equal(a[k], b[k]), k
@@ -1161,92 +1137,71 @@ def assert_same_plans(a, b):
 
 
 @pytest.mark.parametrize('max_passes', [1, 3, 37])
-@pytest.mark.parametrize('all_keys', [False, True])
-def test_jacobi_decoding_equals_token_by_token(fx, official, max_passes, all_keys):
+def test_jacobi_decoding_equals_token_by_token(fx, official, max_passes):
     """Jacobi decoding of the imagined blocks gives exactly the token-by-token greedy frames, whether it agrees
-    within max_passes or finishes a block token by token (this random tiny model is a poor guesser: both happen),
-    with keys shared by groups of rows or all keys per row."""
+    within max_passes or finishes a block token by token (this random tiny model is a poor guesser: both happen)."""
     ctx, lens, tasks, K = mixed_batch(fx)
-    jacobi, rows = Planner(official, jacobi=True), []
-    jacobi.max_passes, jacobi.jacobi_rows = max_passes, 10 ** 9 if all_keys else 0
-    dec = jacobi.decode
-    jacobi.decode = lambda model, lin, tok, *a: rows.append(tok.shape[0]) or dec(model, lin, tok, *a)
-    a = jacobi(ctx, lens, tasks, beam=K, horizon=2, trace=True)
-    assert_same_plans(a, Planner(official, jacobi=False)(ctx, lens, tasks, beam=K, horizon=2, trace=True))
+    jacobi, token = Planner(official, max_passes=max_passes), Planner(official, jacobi=False)
+    assert_same_plans(jacobi(ctx, lens, tasks, beam=K, horizon=2, trace=True),
+                      token(ctx, lens, tasks, beam=K, horizon=2, trace=True))
+    assert token.stats == dict(blocks=2, passes=2 * 37)
     st = jacobi.stats
-    assert st['blocks'] == 2 and st['passes'] >= st['blocks'] and (st['fallbacks'] > 0) == (max_passes < 37)
-    if not all_keys and max_passes == 37:  # depth 1 (4 x 5 rows): passes ran only the environments still decoding
-        assert {5, 10, 15} & set(rows), rows
+    assert st['blocks'] == 2 and 2 <= st['passes'] <= 2 * 37  # Jacobi never takes more passes than token by token
 
 
-def test_jacobi_passes_drop_the_environments_whose_rows_agreed(fx, official):
-    """With grouped keys, Jacobi passes after the first run only the environments with a row that changed in the
-    last pass (a row whose predictions equal its inputs is final): a world step whose guess is the greedy frame but
-    for one token of one environment reruns only that environment's rows, from that token, and gives the same
-    frames, rewards, ends and Q. The copied keys are written back: the next depth plans as token by token."""
-    ctx, lens, tasks, K = mixed_batch(fx)
-    planner, calls, shapes = Planner(official, jacobi=True), [], []
-    planner.jacobi_rows, planner.max_passes = 0, 37
-    step, dec = planner.world_step, planner.decode
-    planner.world_step = lambda *a: calls.append((a, step(*a))) or calls[-1][1]
-    out = planner(ctx, lens, tasks, beam=K, horizon=2, trace=True)
-    assert_same_plans(out, Planner(official, jacobi=False)(ctx, lens, tasks, beam=K, horizon=2, trace=True))
-    (act, _, *rest), (obs, rew, end, q) = calls[0]  # depth 1: 4 environments x 5 candidates
-    draft = obs.clone()
-    draft[2 * 5 + 1, 20] = (draft[2 * 5 + 1, 20] + 1) % official.cfg.obs_vocab  # environment 2, candidate 1
-    planner.decode = lambda model, lin, tok, *a: shapes.append(tuple(tok.shape)) or dec(model, lin, tok, *a)
-    before = dict(planner.stats)
-    again = step(act, draft, *rest)
-    assert shapes[:2] == [(20, 37), (5, 16)] and all(s[0] == 5 for s in shapes[1:]), shapes  # from input 21
-    assert torch.equal(again[0], obs) and torch.equal(again[1], rew) and torch.equal(again[2], end)
-    assert torch.allclose(again[3], q, atol=1e-5, equal_nan=True)
-    assert planner.stats['inputs'] - before['inputs'] == 37 + sum(5 * s[1] / 20 for s in shapes[1:])
-
-
-@pytest.mark.parametrize('all_keys', [False, True])
-def test_passes_in_chunks_of_environments_equal_whole_passes(fx, official, all_keys):
-    """A pass over more than chunk_rows inputs runs in chunks of whole key groups of the first group (environments;
-    rows, when every row has all its keys); plans equal whole passes, Jacobi or token by token."""
-    ctx, lens, tasks, K = mixed_batch(fx)  # Kmax = 5: 25 candidates per environment at depth 2
-    for jacobi in (True, False):
-        whole, parts = Planner(official, jacobi=jacobi), Planner(official, jacobi=jacobi)
-        whole.jacobi_rows = parts.jacobi_rows = 10 ** 9 if all_keys else 0
-        whole.chunk_rows, parts.chunk_rows, rows = 10 ** 9, 1, []
-        step = parts.decode
-        parts.decode = lambda model, lin, tok, *a: rows.append(tok.shape[0]) or step(model, lin, tok, *a)
-        assert_same_plans(parts(ctx, lens, tasks, beam=K, horizon=2, trace=True),
-                          whole(ctx, lens, tasks, beam=K, horizon=2, trace=True))
-        # 4 chunks a pass (Jacobi: at least its first pass of each depth-2 block; later passes may drop environments)
-        assert max(rows) == (1 if all_keys else 25) and rows.count(max(rows)) >= 4 * (1 if jacobi else 37)
-
-
-def test_large_batches_keep_jacobi_only_while_the_guesses_are_good(fx, official):
-    """Above jacobi_rows the planner tries Jacobi on the first world step of each depth and size and every
-    probe_every-th after, and keeps it while its blocks cost at most a + b / sqrt(M) full passes. Plans equal token
-    by token."""
+def test_auto_decoding_times_both_ways_and_plans_the_same(fx, official, monkeypatch):
+    """jacobi=None (the default) runs each batch shape's world steps by Jacobi twice, then token by token twice (the
+    first of each is a warm-up), then the faster by the last two times, and the slower again every probe_every-th
+    step; every plan equals token by token."""
     ctx, lens, tasks, K = mixed_batch(fx)
     ref = Planner(official, jacobi=False)(ctx, lens, tasks, beam=K, horizon=2, trace=True)
-    for limit, want in (((1.5, 0.0), [2, 2, 2, 4]), ((37.0, 0.0), [2, 4, 6, 8])):  # 2 world steps per call
-        planner, blocks = Planner(official), []
-        planner.jacobi_rows, planner.max_passes, planner.probe_every = 0, 37, 3
-        planner.jacobi_work = limit
-        for _ in range(4):
-            assert_same_plans(planner(ctx, lens, tasks, beam=K, horizon=2, trace=True), ref)
-            blocks.append(planner.stats['blocks'])
-        assert blocks == want, limit
-        # this random tiny model is a poor guesser: its blocks cost more than 1.5 full passes
-        assert len(planner.guess) == 2 and all(1.5 < w <= 37 for _, w in planner.guess.values())
+    auto, ways, step = Planner(official), [], plan.world_step
+    auto.probe_every = 3
+    monkeypatch.setattr(plan, 'world_step', lambda *a: ways.append(a[7]) or step(*a))
+    for _ in range(6):
+        assert_same_plans(auto(ctx, lens, tasks, beam=K, horizon=2, trace=True), ref)
+    assert sorted(auto.timing) == [(1, 20), (2, 100)]  # (depth, rows): 4 environments x 5, then x 25 candidates
+    for d in (0, 1):  # two world steps per call, depth 1 then 2
+        w = ways[d::2]
+        assert w[:4] == [True, True, False, False] and w[4] != w[5], (d, w)
 
 
-def test_first_guess_is_the_models_reading_of_the_current_frame(fx, official):
-    """Jacobi's guess of the first imagined frame is the model's teacher-forced prediction of the current frame (the
+def world_step_inputs(fx, official):
+    """One environment of the fixture prefilled with room for a block, its greedy action, the greedy frame after it
+    (token by token) and the step's outputs."""
+    ctx, lens, tasks = fixture_context(fx)
+    cache, q, draft = plan.prefill(official.forward, official, ctx, lens, tasks, 1)
+    act = q.argmax(-1)
+    ref = plan.world_step(official.forward, official, cache, act, draft, lens, tasks, jacobi=False)
+    return cache, act, lens, tasks, draft, ref
+
+
+@torch.no_grad()
+def test_jacobi_pass_counts_follow_the_guess(fx, official):
+    """A world step whose draft is the greedy frame agrees after one pass; a draft with one wrong token takes more
+    and still gives exactly that frame, reward, end and Q."""
+    cache, act, lens, tasks, draft, ref = world_step_inputs(fx, official)
+    assert not torch.equal(draft, ref[0])  # the model's reading of the current frame is not the next frame
+    for j in (None, 0, 20, 35):
+        d = ref[0].clone()
+        if j is not None:
+            d[:, j] = (d[:, j] + 1) % official.cfg.obs_vocab
+        st = dict(blocks=0, passes=0)
+        out = plan.world_step(official.forward, official, cache, act, d, lens, tasks, stats=st)
+        assert st['passes'] == 1 if j is None else st['passes'] >= 2, j
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2])
+        assert torch.allclose(out[3], ref[3], atol=1e-5, equal_nan=True)
+
+
+def test_first_draft_is_the_models_reading_of_the_current_frame(fx, official):
+    """Jacobi's draft of the first imagined frame is the model's teacher-forced prediction of the current frame (the
     obs head at the action token before it and at its first 35 tokens); the real frame for a one-block context."""
     ctx, lens, tasks, K = mixed_batch(fx)  # contexts of 6, 3, 1 and 5 blocks
-    planner, drafts = Planner(official, jacobi=True), []
-    step = planner.world_step
-    planner.world_step = lambda *a: drafts.append(a[1].clone()) or step(*a)
+    planner, drafts = Planner(official), []
+    step = planner.step
+    planner.step = lambda *a, **k: drafts.append(a[2].clone()) or step(*a, **k)
     planner(ctx, lens, tasks, beam=K, horizon=1)
-    draft = drafts[0].view(len(ctx), -1, 36)  # (N, C, 36): every candidate of an environment gets its guess
+    draft = drafts[0].view(len(ctx), -1, 36)  # (N, C, 36): every candidate of an environment gets its draft
     with torch.no_grad():
         for i, n in enumerate(lens.tolist()):
             real = ctx[i, n - 36:n]
@@ -1257,64 +1212,15 @@ def test_first_guess_is_the_models_reading_of_the_current_frame(fx, official):
             assert (draft[i] == want).all(), i
 
 
-def test_forward_with_planner_linears_is_eval_only(fx, official):
-    # the planner's prefill runs the forward through its prepacked linears, which skip dropout
-    model = copy.deepcopy(official)
-    tok, tasks = fx['inputs']['tokens'][:1, :73], fx['inputs']['batch']['envs'][:1]
-    with torch.no_grad():
-        assert torch.allclose(model(tok, tasks, lin=plan.linear), model(tok, tasks), atol=1e-6)
-    with pytest.raises(ValueError, match='eval mode'):
-        model.train()(tok, tasks, lin=plan.linear)
-
-
-def test_forward_rows_computes_the_last_block_only_where_asked(fx, official):
-    """rows= (the planner's prefill) returns the hidden states at those positions, per row, and fills the same
-    keys/values as a full prefill: the last block's queries, projection and MLP run only there."""
-    cfg, tok, tasks = official.cfg, fx['inputs']['tokens'][:2, :110], fx['inputs']['batch']['envs'][:2]
-    rows = torch.tensor([[0, 5, 109], [36, 37, 73]])
-    with torch.no_grad():
-        full_cache, part_cache = KVCache(cfg, 2), KVCache(cfg, 2)
-        full = official(tok, tasks, cache=full_cache)
-        part = official(tok, tasks, cache=part_cache, rows=rows)
-    assert part.shape == (2, 3, cfg.n_embd)
-    assert torch.allclose(part, full[torch.arange(2)[:, None], rows], atol=1e-5)
-    assert torch.equal(part_cache.k, full_cache.k) and torch.equal(part_cache.v, full_cache.v)
-    with pytest.raises(ValueError, match='rows='):
-        official(tok[:, :1], tasks, cache=full_cache, pos=torch.tensor([110, 110]), rows=rows[:, :1])
-
-
-def test_jacobi_pass_counts_follow_the_guess(fx, official):
-    """A world step whose guess is the greedy frame agrees after one pass; a guess with one wrong token still
-    gives exactly that frame, reward, end and Q."""
-    planner, calls = Planner(official, jacobi=True), []
-    step = planner.world_step
-    planner.world_step = lambda *a: calls.append((a, step(*a))) or calls[-1][1]
-    ctx, lens, tasks = fixture_context(fx)
-    planner(ctx, lens, tasks, beam=2, horizon=1)
-    (act, guess, *rest), (obs, rew, end, q) = calls[0]
-    assert not torch.equal(guess, obs)  # the context's last frame was not the answer
-    for j in (None, 0, 20, 35):
-        draft = obs.clone()
-        if j is not None:
-            draft[:, j] = (draft[:, j] + 1) % official.cfg.obs_vocab
-        passes = planner.stats['passes']
-        out = step(act, draft, *rest)
-        if j is None:
-            assert planner.stats['passes'] == passes + 1
-        assert torch.equal(out[0], obs) and torch.equal(out[1], rew) and torch.equal(out[2], end)
-        assert torch.allclose(out[3], q, atol=1e-5, equal_nan=True)
-
-
 def test_callers_guess_of_the_first_frame_changes_only_the_passes(fx, official):
-    """guess= (evaluate.py passes the frame the previous decision imagined) replaces the first imagined frame's guess
+    """guess= (evaluate.py passes the frame the previous decision imagined) replaces the first imagined frame's draft
     where it is >= 0: the exact frame agrees in one pass, any guess gives the token-by-token plans, and a guess that
     does not fit is a clear error."""
     ctx, lens, tasks, K = mixed_batch(fx)
     N, vocab = len(ctx), official.cfg.obs_vocab
-    planner, drafts = Planner(official, jacobi=True), []
-    planner.max_passes = 37
-    step = planner.world_step
-    planner.world_step = lambda *a: drafts.append(a[1].clone()) or step(*a)
+    planner, drafts = Planner(official, max_passes=37), []
+    step = planner.step
+    planner.step = lambda *a, **k: drafts.append(a[2].clone()) or step(*a, **k)
     first = planner(ctx, lens, tasks, beam=1, horizon=1)  # one candidate per environment: its greedy frame
     assert planner.stats['passes'] > 1  # this random tiny model's own reading is a poor guess
     passes = planner.stats['passes']
@@ -1325,18 +1231,11 @@ def test_callers_guess_of_the_first_frame_changes_only_the_passes(fx, official):
     guess[1:3] = -1  # no guess for these: the model's own reading
     drafts.clear()
     assert_same_plans(planner(ctx, lens, tasks, beam=K, horizon=2, trace=True, guess=guess), ref)
-    own = Planner(official, jacobi=True)
-    own.world_step = lambda *a: drafts.append(a[1].clone()) or Planner.world_step(own, *a)
-    own(ctx, lens, tasks, beam=K, horizon=1)
-    C = drafts[0].shape[0] // N
-    got, want = drafts[0].view(N, C, 36)[:, 0], drafts[-1].view(N, C, 36)[:, 0]
-    assert torch.equal(got[[0, 3]], guess[[0, 3]]) and torch.equal(got[1:3], want[1:3])
-    # large batches measure how well a given guess does apart from the model's own reading (-1 everywhere: none)
-    auto = Planner(official)
-    auto.jacobi_rows = 0
-    for g in (None, guess, torch.full_like(guess, -1)):
-        auto(ctx, lens, tasks, beam=K, horizon=2, guess=g)
-    assert sorted(k[::2] for k in auto.guess) == [(1, False), (1, True), (2, False)]
+    got = drafts[0].view(N, -1, 36)[:, 0]
+    drafts.clear()
+    planner(ctx, lens, tasks, beam=K, horizon=1)
+    own = drafts[0].view(N, -1, 36)[:, 0]
+    assert torch.equal(got[[0, 3]], guess[[0, 3]]) and torch.equal(got[1:3], own[1:3])
     for bad in (guess[:, :35], guess.float(), guess.clamp(min=0) + vocab):
         with pytest.raises(ValueError, match='guess'):
             planner(ctx, lens, tasks, beam=K, horizon=2, guess=bad)
@@ -1346,7 +1245,7 @@ def test_callers_guess_of_the_first_frame_changes_only_the_passes(fx, official):
 @pytest.mark.parametrize('freeze', [False, True])
 def test_compiled_planner_equals_eager(fx, official, freeze):
     ctx, lens, tasks, K = mixed_batch(fx)
-    ctx, lens, tasks, K = ctx[:3], lens[:3], tasks[:3], K[:3]  # 3 rows: also exercises the power-of-two padding
+    ctx, lens, tasks, K = ctx[:3], lens[:3], tasks[:3], K[:3]
     eager = Planner(official)(ctx, lens, tasks, beam=K, horizon=2, trace=True)
     compiled = Planner(official, compile=True, freeze=freeze)(ctx, lens, tasks, beam=K, horizon=2, trace=True)
     for k in ('action', 'actions', 'rewards', 'obs'):
@@ -1356,40 +1255,27 @@ def test_compiled_planner_equals_eager(fx, official, freeze):
         assert torch.equal(a['obs'], b['obs']) and torch.allclose(a['score'], b['score'], atol=1e-5)
 
 
-def test_all_keys_per_row_equals_shared_key_groups(fx, official):
-    """With few candidates every row gets all its keys in one group (one attention call per layer, written out in
-    bf16 on CPU); otherwise keys are stored once per group of rows that share them. Plans are equal in fp32; in
-    bf16 one teacher-forced block gives the same Q as fp32 in both layouts (greedy plans may part at a near-tie)."""
-    ctx, lens, tasks, K = mixed_batch(fx)
-    dense, grouped = Planner(official, jacobi=False), Planner(official, jacobi=False)
-    dense.jacobi_rows, grouped.jacobi_rows = 10 ** 9, 0
-    calls = {}
-    for name, p in (('dense', dense), ('grouped', grouped)):
-        step = p.world_step
-        p.world_step = lambda *a, name=name, step=step: calls.setdefault(name, a) and step(*a)
-    assert_same_plans(*(p(ctx, lens, tasks, beam=K, horizon=2, trace=True) for p in (dense, grouped)))
-    (act, guess, pos0, rows, groups), (*_, groups2) = calls['dense'][:5], calls['grouped'][:5]
-    assert len(groups) == 1 and len(groups2) == 2  # depth 1: context and this block
-    tok = torch.cat([act[:, None], guess], 1)  # (M, 37) one block, teacher-forced
-    run = lambda g: plan.decode(official, plan.linear, tok, torch.tensor(0), pos0, rows, g, True, True)
-    with torch.no_grad():
-        ref = official.q_values(run(groups)[3], rows)
-        with torch.autocast('cpu', dtype=torch.bfloat16):
-            for g in (groups, groups2):  # caches in the compute dtype, as the planner builds them
-                q = official.q_values(run([tuple(None if t is None else t.bfloat16() for t in kvb) for kvb in g])[3],
-                                      rows)
-                fin = torch.isfinite(ref)
-                assert torch.equal(fin, torch.isfinite(q)) and torch.allclose(q[fin], ref[fin], atol=0.05)
-
-
 @pytest.mark.slow
 def test_compiled_jacobi_decoding_equals_eager(fx, official):
-    # compiled passes run the whole block each time (one shape); max_passes=3 also exercises the token-by-token finish
+    # max_passes=3 also exercises the token-by-token finish
     args = (*fixture_context(fx), 2, 2, True)
-    compiled = Planner(official, compile=True, jacobi=True)
-    compiled.max_passes = 3
+    compiled = Planner(official, compile=True, max_passes=3)
     assert_same_plans(compiled(*args), Planner(official, jacobi=False)(*args))
-    assert compiled.stats['fallbacks'] > 0
+    assert compiled.stats['passes'] > 3 * compiled.stats['blocks']  # some block finished token by token
+
+
+@torch.no_grad()
+def test_bf16_planning_reads_the_fp32_q(fx, official):
+    """Under bf16 autocast the planner's caches are bf16 (the compute dtype): one teacher-forced block then gives the
+    same Q as fp32 up to bf16 rounding (greedy plans may part at a near-tie)."""
+    cache, act, lens, tasks, draft, ref = world_step_inputs(fx, official)
+    ctx = fixture_context(fx)[0]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        c16, q16, _ = plan.prefill(official.forward, official, ctx, lens, tasks, 1)
+        assert c16.k.dtype == torch.bfloat16
+        out = plan.world_step(official.forward, official, c16, act, ref[0], lens, tasks)
+    fin = torch.isfinite(ref[3])
+    assert torch.equal(fin, torch.isfinite(out[3])) and torch.allclose(out[3][fin].float(), ref[3][fin], atol=0.05)
 
 
 # --- a hand-built world model: beam search finds the 2-step path that greedy misses -----------------------------
@@ -1442,7 +1328,29 @@ def test_beam_search_finds_the_better_two_step_path():
     assert planner(ctx, lens, tasks, beam=1, horizon=2)['action'].item() == 0
 
 
-# --- MCTS (plan.MCTS) ---------------------------------------------------------------------------------------------
+def test_lambda_return_scores_blend_the_critic_and_the_world_model():
+    """plan_lambda: a node's score is the lambda-return (1 - lam) sum_{n<d} lam^n G_n + lam^d G_d of its path's
+    n-step estimates. On the hand-built model (root 17: Q 1.0 for action 0, 0.9 for action 3; after 3, action 4 pays
+    +1): G_0 = 0.9, G_1 = gamma * Q(3, 4), G_2 = gamma * 1 for the path (3, 4); lam 1 is the official score, lam 0 the
+    greedy policy, lam 0.5 still finds the path, and 0.05 trusts the critic's root estimate."""
+    m = toy_world_model(rewards={4: 1}, Q={(17, 0): 1.0, (17, 3): 0.9, (0, 0): 0.5, (0, 1): 0.4, (3, 4): 0.6})
+    ctx, lens, tasks = toy_root('Seaquest')
+    planner, g = Planner(m), 0.99
+    official = planner(ctx, lens, tasks, beam=2, horizon=2)
+    assert_same_plans(dict(official, trace=[]), dict(planner(ctx, lens, tasks, beam=2, horizon=2, lam=1.0), trace=[]))
+    for lam, action in ((0.5, 3), (0.05, 0), (0.0, 0)):
+        out = planner(ctx, lens, tasks, beam=2, horizon=2, lam=lam, trace=True)
+        assert out['action'].item() == action, lam
+        if action == 3:
+            assert out['actions'].tolist() == [[3, 4]]
+            want = (1 - lam) * 0.9 + (1 - lam) * lam * (g * 0.6) + lam ** 2 * (g * 1.0 + g ** 2 * 0.0)
+            assert out['value'].item() == pytest.approx(want, abs=1e-6)
+        d1 = out['trace'][0]  # depth 1: (1 - lam) G_0 + lam (r_1 + gamma V(s_1)); candidates 0 then 3 (by Q)
+        assert d1['actions'].tolist() == [[0, 3]]
+        assert d1['score'][0].tolist() == pytest.approx([(1 - lam) * 1.0 + lam * g * 0.5, (1 - lam) * 0.9 + lam * g * 0.6])
+
+
+# --- MCTS (mcts.py) ---------------------------------------------------------------------------------------------
 
 def mcts_children(out, actions):  # the root children's visits and values at these actions
     return out['visits'][0, actions].tolist(), out['values'][0, actions].tolist()
@@ -1463,17 +1371,17 @@ def test_mcts_enough_simulations_find_the_best_path_that_greedy_and_one_step_mis
     best = beam(*ctx, beam=4, horizon=2)  # exhaustive depth 2 (all 4 x 4 paths)
     assert best['actions'].tolist() == [[12, 0]] and best['value'].item() == pytest.approx(1 + G ** 2 * 2)
     # H = 3 is max depth 2: the same search space. 20 simulations spend themselves under the greedy child ...
-    out = plan.MCTS(m)(*ctx, horizon=3, simulations=20)
+    out = mcts.MCTS(m)(*ctx, horizon=3, simulations=20)
     assert out['action'].item() == 0 and mcts_children(out, [11, 12])[0] == [0, 0]
     # ... enough simulations reach 12 and prefer it, by value and by visits
-    out = plan.MCTS(m)(*ctx, horizon=3, simulations=80)
+    out = mcts.MCTS(m)(*ctx, horizon=3, simulations=80)
     visits, values = mcts_children(out, [0, 1, 11, 12])
     assert out['action'].item() == 12 and visits == [33, 1, 1, 45]
     # child 0's value is the mean of its 33 backups: max Q(state 0) = 2 when it was a leaf, then 32 times 0, 0 (gamma*2)
     assert values[0] == pytest.approx(G * (2 + 32 * G * 2) / 33)
     assert G ** 2 * 2 < values[3] < 1 + G ** 2 * 2  # a mean over paths through 12: 12, 0 is the best of them
     assert out['rewards'].tolist() == [[1.0]] and (out['obs'] == 112).all()  # the chosen step, for evaluate's guess
-    out = plan.MCTS(m)(*ctx, horizon=6, simulations=80)  # the official depth 5
+    out = mcts.MCTS(m)(*ctx, horizon=6, simulations=80)  # the official depth 5
     assert out['action'].item() == 12 and mcts_children(out, [0, 12])[0] == [31, 47]
 
 
@@ -1485,20 +1393,20 @@ def test_mcts_one_simulation_is_greedy_and_one_per_root_child_is_one_step_lookah
     scores = dict(zip(one_step['trace'][0]['actions'][0].tolist(), one_step['trace'][0]['score'][0].tolist()))
     # 1 simulation: the first pUCT choice, where sqrt(N_root) = 0 zeroes every prior term, goes to the highest prior:
     # the greedy Q action, which is then the only visited child
-    out = plan.MCTS(m)(*ctx, horizon=6, simulations=1)
+    out = mcts.MCTS(m)(*ctx, horizon=6, simulations=1)
     assert out['action'].item() == Planner(m)(*ctx, horizon=0)['action'].item() == 0
     assert out['visits'][0].tolist() == [1] + [0] * 17
     # 1 simulation per root child (4) at depth 1 (H = 2): every visit ends at a root child and backs up its exact
     # one-step value r + gamma * max Q(s'), however often it is visited, so MCTS is the one-step lookahead over the
     # children pUCT visits. pUCT does not try each child once: by hand (priors softmax(Q/0.9) = .474, .195, .175,
     # .156), simulation 2 revisits 0 (c*.474/2 > c*.195), 3 tries 1, 4 returns to 0 (normalised value .99).
-    out = plan.MCTS(m)(*ctx, horizon=2, simulations=4)
+    out = mcts.MCTS(m)(*ctx, horizon=2, simulations=4)
     visits, values = mcts_children(out, [0, 1, 11, 12])
     assert visits == [3, 1, 0, 0] and out['action'].item() == 0  # 12, never visited, is missed
     assert values[:2] == pytest.approx([scores[0], scores[1]]) and values[0] == pytest.approx(G * 2)
     assert values[2:] == [-math.inf, -math.inf]
     # with more simulations every valid child is visited: the one-step lookahead itself (beam H = 1, K = #valid)
-    out = plan.MCTS(m)(*ctx, horizon=2, simulations=40)
+    out = mcts.MCTS(m)(*ctx, horizon=2, simulations=40)
     visits, values = mcts_children(out, [0, 1, 11, 12])
     assert min(visits) > 0 and sum(visits) == 40 and out['action'].item() == 12
     assert values == pytest.approx([scores[a] for a in (0, 1, 11, 12)])
@@ -1509,9 +1417,9 @@ def test_mcts_ties_go_to_the_lower_action_and_invalid_actions_are_never_chosen(f
     m, ctx = toy_world_model(rewards={2: 1, 5: 1}, Q={(3, 0): 1.0, (11, 0): 1.0, (2, 0): 9.0}), toy_root('Pong')
     valid = torch.zeros(18, dtype=torch.bool)
     valid[list(VALID_ACTIONS['Pong'])] = True
-    assert plan.MCTS(m)(*ctx, horizon=6, simulations=1)['action'].item() == 0  # flat priors: the lowest valid id
+    assert mcts.MCTS(m)(*ctx, horizon=6, simulations=1)['action'].item() == 0  # flat priors: the lowest valid id
     for H, S in ((2, 30), (4, 20), (6, 20)):
-        out = plan.MCTS(m)(*ctx, horizon=H, simulations=S)
+        out = mcts.MCTS(m)(*ctx, horizon=H, simulations=S)
         assert (out['visits'][0, ~valid] == 0).all() and torch.isinf(out['values'][0, ~valid]).all()
         assert out['visits'][0, valid].sum() == S
         if H == 2:  # depth 1: 3 and 11 are both worth exactly gamma * 1, and the tie goes to the lower id
@@ -1520,7 +1428,7 @@ def test_mcts_ties_go_to_the_lower_action_and_invalid_actions_are_never_chosen(f
             assert out['action'].item() in (3, 11)
     # a real (tiny, official-format) model on games with few valid actions: always a valid, visited action
     ctx, lens, tasks, _ = mixed_batch(fx)
-    out = plan.MCTS(official)(ctx, lens, tasks, horizon=3, simulations=8)
+    out = mcts.MCTS(official)(ctx, lens, tasks, horizon=3, simulations=8)
     v = official.valid[tasks]
     assert v[torch.arange(4), out['action']].all() and (out['visits'][~v] == 0).all()
     assert (out['visits'][torch.arange(4), out['action']] > 0).all()
@@ -1529,10 +1437,10 @@ def test_mcts_ties_go_to_the_lower_action_and_invalid_actions_are_never_chosen(f
 @pytest.mark.parametrize('jacobi', [True, False])
 def test_mcts_batched_over_environments_equals_single_calls(fx, official, jacobi):
     ctx, lens, tasks, _ = mixed_batch(fx)  # 4 games, contexts of 6, 3, 1 and 5 blocks
-    mcts = plan.MCTS(official, jacobi=jacobi)
-    batch = mcts(ctx, lens, tasks, horizon=3, simulations=12)
+    search = mcts.MCTS(official, jacobi=jacobi)
+    batch = search(ctx, lens, tasks, horizon=3, simulations=12)
     for i in range(len(ctx)):
-        one = plan.MCTS(official, jacobi=False)(ctx[i:i + 1, :lens[i]], lens[i:i + 1], tasks[i:i + 1], horizon=3,
+        one = mcts.MCTS(official, jacobi=False)(ctx[i:i + 1, :lens[i]], lens[i:i + 1], tasks[i:i + 1], horizon=3,
                                                 simulations=12)
         for k in ('action', 'visits', 'actions', 'rewards', 'obs'):
             assert torch.equal(batch[k][i], one[k][0]), (i, k)
@@ -1544,7 +1452,7 @@ def test_mcts_batched_over_environments_equals_single_calls(fx, official, jacobi
 
 def naive_mcts(model, ctx, task, H, S, T=0.9, base=19652, init=1.25):
     """B§7.4 as the official src/MCTS.py spells it (Python nodes, MuZero's pUCT, backup and min-max bounds), every
-    token by a full forward of the whole window (no cache), with plan.MCTS's stated departures: ties to the higher
+    token by a full forward of the whole window (no cache), with mcts.MCTS's stated departures: ties to the higher
     prior then the lower id, the final action among visited children by r + gamma * value."""
     gamma, valid = model.cfg.gamma, model.valid[task].tolist()
 
@@ -1601,7 +1509,7 @@ def test_mcts_equals_a_naive_node_tree_search(fx, official, row, blocks, game, H
     ctx, task = fx['inputs']['tokens'][row, :blocks * 37 - 1], torch.tensor(task_id(game))
     with torch.no_grad():
         action, visits, values = naive_mcts(official, ctx, task, H, S)
-    out = plan.MCTS(official)(ctx[None], torch.tensor([len(ctx)]), task[None], horizon=H, simulations=S)
+    out = mcts.MCTS(official)(ctx[None], torch.tensor([len(ctx)]), task[None], horizon=H, simulations=S)
     assert out['action'].item() == action and out['visits'][0].tolist() == visits
     assert out['values'][0].tolist() == pytest.approx(values, abs=1e-4)
     assert len([v for v in visits if v]) > 1  # a real search: more than one root child tried
@@ -1613,8 +1521,8 @@ def test_evaluate_plays_episodes_with_mcts(tiny_eval, monkeypatch):
     cfg, model, tok = tiny_eval
     cfg = replace(cfg, planner='mcts', mcts_simulations=3, mcts_temperature=0.5, horizon=3)
     calls = []
-    call = plan.MCTS.__call__
-    monkeypatch.setattr(plan.MCTS, '__call__', lambda self, *a, **k: calls.append((a, k, call(self, *a, **k)))
+    call = mcts.MCTS.__call__
+    monkeypatch.setattr(mcts.MCTS, '__call__', lambda self, *a, **k: calls.append((a, k, call(self, *a, **k)))
                         or calls[-1][2])
     returns, cut = evaluate(model, tok, cfg, ['Pong', 'Atlantis'], 2, plan=True)
     assert {g: len(r) for g, r in returns.items()} == {'Pong': 2, 'Atlantis': 2}
@@ -1648,8 +1556,9 @@ def test_evaluate_command_line_with_mcts(tiny_eval, tmp_path, capsys):
     ('--mcts_simulations=0', r'--mcts_simulations=0 must be > 0'),
     ('--mcts_temperature=0', r'--mcts_temperature=0.0 must be > 0'),
     ('--mcts_temperature=1e999', r'--mcts_temperature=inf must be a finite number'),
+    ('--plan_lambda=1.5', r'--plan_lambda=1.5 must be in \[0, 1\]'),
 ])
-def test_bad_mcts_options_are_one_line_errors(flag, message):
+def test_bad_planner_options_are_one_line_errors(flag, message):
     from evaluate import main
     with pytest.raises(SystemExit, match=f'^error: {message}$'):
         main(['--ckpt=missing.pt', '--games=Pong', flag])
@@ -1657,9 +1566,9 @@ def test_bad_mcts_options_are_one_line_errors(flag, message):
 
 def test_mcts_context_too_long_for_the_depth_is_an_error(fx, official):
     ctx = fx['inputs']['tokens'][1:2, :6 * 37 - 1]  # 6 blocks leave room for 2 imagined blocks: max depth 2
-    plan.MCTS(official)(ctx, torch.tensor([ctx.shape[1]]), torch.tensor([task_id('Assault')]), horizon=3, simulations=2)
+    mcts.MCTS(official)(ctx, torch.tensor([ctx.shape[1]]), torch.tensor([task_id('Assault')]), horizon=3, simulations=2)
     with pytest.raises(ValueError, match='leaves no room for 3 imagined blocks'):
-        plan.MCTS(official)(ctx, torch.tensor([ctx.shape[1]]), torch.tensor([task_id('Assault')]), horizon=4)
+        mcts.MCTS(official)(ctx, torch.tensor([ctx.shape[1]]), torch.tensor([task_id('Assault')]), horizon=4)
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
@@ -2261,12 +2170,12 @@ def test_last_imagined_slot_has_no_td_term(one_thread):
 
 
 def test_replay_fifo_and_state():
-    rb = plan.Replay(capacity=5, seed=0)
+    rb = data.Replay(capacity=5, seed=0)
     seg = lambda i, n: dict(observations=torch.full((n, 8, 1, 84, 84), i / 255), envs=torch.full((n,), i))
     rb.push(seg(1, 3))
     rb.push(seg(2, 3))  # wraps: one of the first push's segments survives
     assert rb.size == 5 and rb.data['envs'].tolist() == [2, 1, 1, 2, 2]
-    rb2 = plan.Replay(capacity=5, seed=1)
+    rb2 = data.Replay(capacity=5, seed=1)
     rb2.load_state_dict(rb.state_dict())
     x, y = rb.sample(4), rb2.sample(4)
     assert torch.equal(x['envs'], y['envs']) and torch.equal(x['observations'], y['observations'])

@@ -347,10 +347,21 @@ def load_lpips_weights(tokenizer):
     return 'none'
 
 
+def strip_prefixes(sd):
+    """Drop the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes the official files may carry."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ('_orig_mod.module.', 'module.', '_orig_mod.'):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+                break
+        out[k] = v
+    return out
+
+
 def convert_official_tokenizer(state_dict, tokenizer=None):
     """Official tokenizer state dict (`_orig_mod.` / `module.` prefixes allowed, lpips.* optional) -> ours, checked
     against the keys and shapes of `tokenizer` (default: the official sizes). Raises ValueError on a mismatch."""
-    from model import strip_prefixes  # model.py imports this file only inside functions: no cycle
     sd = strip_prefixes(state_dict)
     expected = {k: tuple(v.shape) for k, v in (tokenizer or Tokenizer(OFFICIAL)).state_dict().items()}
     with_lpips = any(k.startswith('lpips.') for k in sd)  # all of them or none

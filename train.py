@@ -34,7 +34,8 @@ import evaluate  # imported now: a long run's final report uses the code the run
 from model import (JOWA, PRETRAIN_GAMES, action_mask, average_over_ranks, check_same_sizes, configure_optimizer,
                    device_setup, load_checkpoint, merge_resumed, num_params, parse_args, read_checkpoint,
                    remove_temp_files, save_checkpoint, task_id)
-from plan import Planner, Replay, imagine
+from data import Replay
+from plan import Planner, imagine
 from tokenizer import Tokenizer, load_lpips_weights
 
 # -----------------------------------------------------------------------------
@@ -78,17 +79,20 @@ args = dict(
 # and L1's optimum without LPIPS is the per-pixel median: the background). Stage 2: the official lrs and target
 # update (5e-5, every 1,000 steps) barely move the C51 critic off its initial uniform distribution in 10k steps
 # (every Q ~11.7, the support's middle, whatever the state), so the tiny model takes 6-10x lrs and a copy every 25.
+# Planning: the demo's world models hardly react to the action (the imagined frames of a node's candidates differ in
+# 0-0.2 of 36 tokens), so the paper's score, the leaf's max Q, ranks candidates by noise; plan_lambda 0.7 keeps the
+# critic's root estimate in the score (the lambda-return of the path, plan.py).
 DEMO = ['--preset=tiny', '--games=Carnival,Assault,SpaceInvaders', '--batch_size=8', '--micro_batch=8',
         '--tok_ch=16', '--tok_perceptual=0', '--tok_fg_weight=5', '--lr_tokenizer=1e-3', '--tok_batch=16',
-        '--tok_restart=20', '--lr_world2=3e-4', '--lr_critic=5e-4', '--target_update=25', '--log_interval=100',
-        '--eval_games=Carnival,Assault,SpaceInvaders']
+        '--tok_restart=20', '--lr_world2=3e-4', '--lr_critic=5e-4', '--target_update=25', '--plan_lambda=0.7',
+        '--log_interval=100', '--eval_games=Carnival,Assault,SpaceInvaders']
 DEMOS = dict(
     short=DEMO + ['--data_dir=data_cache/demo/processed', '--heldout_dir=data_cache/demo/heldout', '--out_dir=out/demo',
                   '--stage1_steps=600', '--stage2_steps=2400', '--ckpt_interval=1000', '--eval_episodes=4',
                   '--eval_max_steps=2000', '--eval_max_seconds=60.0'],  # ~15 min
     long=DEMO + ['--data_dir=data_cache/long/processed', '--heldout_dir=data_cache/long/heldout', '--out_dir=out/long',
-                 '--demo_steps=10000', '--stage1_steps=2000', '--stage2_steps=10000', '--ckpt_interval=2000',
-                 '--eval_episodes=16', '--eval_max_steps=27000', '--eval_max_seconds=600.0'],  # ~60 min
+                 '--demo_steps=10000', '--stage1_steps=1800', '--stage2_steps=10000', '--ckpt_interval=2000',
+                 '--eval_episodes=16', '--eval_max_steps=27000', '--eval_max_seconds=900.0'],  # ~60 min
 )
 argv = sys.argv[1:]
 demo = next((a.partition('=')[2] or 'short' for a in argv if a.split('=')[0] == '--demo'), '')
@@ -228,8 +232,8 @@ for g, lr in zip(optimizer.param_groups, (cfg.lr_world1 if stage == 1 else cfg.l
 if cfg.compile:  # in place: state-dict names stay clean, and compute_loss's call of the model hits the compiled code
     for m in (model, tokenizer.encoder, tokenizer.decoder):
         m.compile()
-# imagination decodes by Jacobi iteration always: the planner's adaptive choice (jacobi=None) follows its own history,
-# which a resumed run would not have (both decode the same greedy tokens, in other floating-point order)
+# imagination decodes by Jacobi iteration always: jacobi=None picks the faster way by timings, which a resumed run
+# would not repeat (both decode the same greedy tokens, in other floating-point order)
 planner = Planner(model, compile=cfg.compile, jacobi=True) if args['imagine'] else None
 if master:
     print(f"JOWA {cfg.preset}: {num_params(model):,} parameters; tokenizer {sum(p.numel() for p in tok_params):,}" +
