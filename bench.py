@@ -2,7 +2,7 @@
 Benchmarks on this machine (CPU or GPU). Ratios are taken within one run, times are medians over repeats, and
 each section measures the machine's own matmul peak where it reports a fraction of it.
 
-    python bench.py train                  # one 40M training step (fwd + loss + bwd + AdamW), fp32 and bf16
+    python bench.py train [--before=DIR]   # one 40M training step (fwd + loss + bwd + AdamW), fp32 and bf16
     python bench.py ddp [--repeats=3]      # 40M training: 1 process vs 2-rank gloo DDP (scaling), peak RSS
     python bench.py dtype                  # 40M training in fresh processes: fp32 vs bf16 autocast
     python bench.py sampler                # segment sampler throughput and peak RSS on a ~2 GB dataset
@@ -10,6 +10,7 @@ each section measures the machine's own matmul peak where it reports a fraction 
     python bench.py plan [--compile --freeze --threads=1 --envs=1,16 --beams=0,2,4 --jacobi=auto|on|off --max_passes=8]
     python bench.py plan --ckpt=out/ckpt.pt --data=processed --games=Assault   # trained weights, real contexts
                                            # (--consecutive=False: no first guess from the previous step's plan)
+    python bench.py plan --before=../before    # side by side with another checkout (git worktree add ../before HEAD~1)
     python bench.py mcts [--envs=1,16 --repeats=3 --mcts_simulations=20]   # greedy, beam H2 K2 and MCTS decisions/s
 """
 import json
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -45,6 +47,34 @@ def timeit(fn, repeats=5, warmup=1, stat=statistics.median):
         fn()
         times.append(time.perf_counter() - t0)
     return stat(times)
+
+
+def other_checkout(path):
+    """model.py and plan.py of another checkout of this repository (e.g. `git worktree add ../before HEAD~1`),
+    imported as modules of their own: (its model module, its plan module). --before=<path> (train, plan) times
+    them side by side with this checkout's, alternating, on the same weights and inputs."""
+    if not os.path.isfile(os.path.join(path, 'plan.py')):
+        raise SystemExit(f"error: --before={path}: no plan.py there (expected a checkout of this repository)")
+    names = ('tokenizer', 'model', 'plan')
+    ours = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    sys.path.insert(0, os.path.abspath(path))
+    try:
+        import plan as other_plan  # binds that checkout's model.py and tokenizer.py
+        other_model = sys.modules['model']
+    finally:
+        sys.path.pop(0)
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(ours)
+    return other_model, other_plan
+
+
+def same_model(other, model):
+    """The other checkout's JOWA with model's config, weights and mode."""
+    known = {f.name for f in fields(other.JOWAConfig)}
+    twin = other.JOWA(other.JOWAConfig(**{k: v for k, v in asdict(model.cfg).items() if k in known}))
+    twin.load_state_dict(model.state_dict())
+    return twin.train(model.training)
 
 
 def matmul_peak(dtype, n=2048, repeats=10):
@@ -75,28 +105,43 @@ def token_batch(cfg, B, T, seed=0):
                 envs=torch.randint(0, 60, (B,), generator=g))
 
 
-def bench_train(preset='40M', B=16, T=8, repeats=5):
+def bench_train(preset='40M', B=16, T=8, repeats=5, before=''):
+    """One training step, fp32 and bf16; with before (another checkout), its step on the same weights and batch,
+    the two alternating."""
     torch.manual_seed(0)
     cfg = make_config(preset)
-    model = JOWA(cfg).train()
-    opt = configure_optimizer(model, cfg.lr_world2, cfg.lr_critic, cfg.weight_decay)
+    models = {'now': JOWA(cfg).train()}
+    if before:
+        models['before'] = same_model(other_checkout(before)[0], models['now'])
+    opts = {k: configure_optimizer(m, cfg.lr_world2, cfg.lr_critic, cfg.weight_decay) for k, m in models.items()}
     batch = token_batch(cfg, B, T)
     world, q = forward_flops(cfg, B, T)
     flops = 3 * (world + q) + q  # forward + backward (2x) of everything trained, plus the target head forward
     tokens = B * T * cfg.tokens_per_block
-    print(f"train step, {preset} preset, batch {B} x {T} blocks = {tokens} tokens, {flops / 1e9:.1f} GFLOP counted")
+    print(f"train step, {preset} preset, batch {B} x {T} blocks = {tokens} tokens, {flops / 1e9:.1f} GFLOP counted, "
+          f"medians of {repeats}" + (f"; before: {before}, alternating" if before else ''))
     for name, dtype in (('fp32', torch.float32), ('bf16', torch.bfloat16)):
-        def step():
+        def step(k):
             with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
-                loss, _ = model.compute_loss(batch)
+                loss, _ = models[k].compute_loss(batch)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        t = timeit(step, repeats)
+            torch.nn.utils.clip_grad_norm_(models[k].parameters(), cfg.grad_clip)
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+        times = {k: [] for k in models}
+        for r in range(repeats + 1):  # the first round warms up
+            for k in models:
+                t0 = time.perf_counter()
+                step(k)
+                if r:
+                    times[k].append(time.perf_counter() - t0)
+        t = statistics.median(times['now'])
         peak = matmul_peak(dtype)
         print(f"  {name}: {t * 1000:7.0f} ms/step  {tokens / t:7.0f} tokens/s  {flops / t / 1e9:6.1f} GFLOP/s  "
               f"= {100 * flops / t / peak:4.1f}% of the {peak / 1e9:.0f} GFLOP/s {name} matmul peak")
+        if before:
+            tb = statistics.median(times['before'])
+            print(f"  {name} before: {tb * 1000:7.0f} ms/step  {tokens / tb:7.0f} tokens/s  -> now {tb / t:.2f}x")
 
 
 # -----------------------------------------------------------------------------
@@ -392,7 +437,8 @@ def bench_plan(argv):
     the episode's next frame follows the recorded action, not the plan's, so the guess is a little worse than
     there)."""
     extra = dict(threads=0, repeats=5, envs='1,16', dtypes='float32,bfloat16', beams='0,2,4', freeze=False, ckpt='',
-                 data='', games='Carnival,Assault,SpaceInvaders', jacobi='auto', max_passes=8, consecutive=True)
+                 data='', games='Carnival,Assault,SpaceInvaders', jacobi='auto', max_passes=8, consecutive=True,
+                 before='')
     cfg, args = parse_args(['--preset=40M'] + argv, extra)
     if args['threads']:
         torch.set_num_threads(args['threads'])
@@ -411,6 +457,12 @@ def bench_plan(argv):
             raise SystemExit(f"error: {e}")
     planner = Planner(model, compile=cfg.compile, freeze=args['freeze'], jacobi=dict(auto=None, on=True, off=False)[args['jacobi']],
                       max_passes=args['max_passes'])
+    other = None  # --before: that checkout's planner on the same weights, timed after ours on the same inputs
+    if args['before']:
+        other_model, other_plan = other_checkout(args['before'])
+        other = other_plan.Planner(same_model(other_model, model), compile=cfg.compile,
+                                   freeze=args['freeze'], jacobi=dict(auto=None, on=True, off=False)[args['jacobi']])
+        other.max_passes = args['max_passes']
     n_ctx = 6  # blocks: the longest root context with H = 2
     L = n_ctx * 37 - 1
     consecutive = bool(args['data']) and args['consecutive']
@@ -437,7 +489,8 @@ def bench_plan(argv):
         peaks[name] = matmul_peak(dtype)
         print(f"matmul peak {name}: {peaks[name] / 1e9:.0f} GFLOP/s")
     print(f"{'dtype':>9} {'envs':>4} {'policy':>12} {'decisions/s':>12} {'vs official':>11} {'plan ms':>8} "
-          f"{'encode ms':>9} {'GFLOP/s':>8} {'of peak':>7} {'passes':>10}")
+          f"{'encode ms':>9} {'GFLOP/s':>8} {'of peak':>7} {'passes':>10}" +
+          (f" {'before d/s':>10} {'now/before':>10}" if other else ''))
     rows = []  # (dtype, envs, policy, counted FLOP/s)
     with torch.no_grad():
         for name in args['dtypes'].split(','):
@@ -455,7 +508,7 @@ def bench_plan(argv):
                 frames = torch.rand(N, 1, 84, 84, generator=gen)
                 for K in [int(k) for k in args['beams'].split(',')]:
                     H = 0 if K == 0 else 2
-                    t_enc, t_plan = [], []
+                    t_enc, t_plan, t_other = [], [], []
                     with amp:
                         for r in range(R):  # the first call warms up (and compiles)
                             ctx, tasks = ctxs[r], tasks_r[r]
@@ -471,9 +524,12 @@ def bench_plan(argv):
                             t1 = time.perf_counter()
                             planner(ctx, lens, tasks, beam=max(K, 1), horizon=H, guess=guess)
                             t2 = time.perf_counter()
+                            if other:
+                                other(ctx, lens, tasks, beam=max(K, 1), horizon=H, guess=guess)
                             if r:
                                 t_enc.append(t1 - t0)
                                 t_plan.append(t2 - t1)
+                                t_other.append(time.perf_counter() - t2)
                     enc, pl = statistics.median(t_enc), statistics.median(t_plan)
                     dps = N / (enc + pl)
                     flops = planner_flops(cfg, N, L, K, H)
@@ -482,7 +538,9 @@ def bench_plan(argv):
                     st = planner.stats
                     passes = f"{st['passes'] / st['blocks']:.2f}" if st['blocks'] else '-'
                     print(f"{name:>9} {N:>4} {policy:>12} {dps:>12.2f} {vs:>11} {pl * 1e3:>8.0f} {enc * 1e3:>9.0f} "
-                          f"{flops / pl / 1e9:>8.1f} {flops / pl / peaks[name]:>7.0%} {passes:>10}")
+                          f"{flops / pl / 1e9:>8.1f} {flops / pl / peaks[name]:>7.0%} {passes:>10}" +
+                          (f" {N / (enc + statistics.median(t_other)):>10.2f} "
+                           f"{(enc + statistics.median(t_other)) / (enc + pl):>9.2f}x" if other else ''))
                     rows.append((name, N, policy, flops / pl))
     for name in peaks:  # the peak again: a reading taken while the machine was slow would flatter the table
         end = matmul_peak(getattr(torch, name))
@@ -564,7 +622,8 @@ def bench_mcts(argv):
 if __name__ == '__main__':
     which, argv = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ('train', [])
     if which == 'train':
-        bench_train()
+        opts = dict(a[2:].split('=', 1) for a in argv if a.startswith('--') and '=' in a)
+        bench_train(repeats=int(opts.get('repeats', 5)), before=opts.get('before', ''))
     elif which in ('ddp', 'dtype'):
         bench_ddp(which, int(next((a.split('=')[1] for a in argv if a.startswith('--repeats=')), 3)))
     elif which == 'sampler':

@@ -676,6 +676,11 @@ def main(argv):
             raise SystemExit("error: --report needs --heldout=<processed data folder> of the games (data.py process)")
         log = os.path.join(os.path.dirname(args['ckpt']), 'log.jsonl')  # train.py's, for the curves
         log = [json.loads(line) for line in open(log)] if os.path.isfile(log) else None
+        import data
+        try:
+            data.load_dataset(args['heldout'], games)  # one line, before any work, for a game it lacks
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: --heldout={args['heldout']}: {e}")
         report(model.eval(), tokenizer.eval(), cfg, games, args['report'], args['heldout'], log, args['episodes'],
                cfg.max_steps, args['max_seconds'] or None)
         return

@@ -95,13 +95,13 @@ def prefill(forward, model, ctx, ctx_len, tasks, blocks, guess=None):
 
 class Planner:
     """compile=True compiles the model's forward (dynamic shapes: one graph for every batch and window size, give or
-    take those of size 1); freeze=True also folds the weights into the compiled code
-    (inductor freezing), only for a model that no longer changes (evaluation, not fine-tuning). jacobi: Jacobi
-    decoding (True), token by token (False), or whichever is faster (None), measured at run time per batch shape.
-    Both give the same greedy tokens (world_step), so the choice changes the speed, not the plan. Why measured: a
-    Jacobi pass runs 37 inputs per row, which is nearly free while a pass is bound by reading the weights (few rows,
-    or a GPU) and costs up to 37x a token pass when it is bound by arithmetic (many rows on a CPU); how many passes a
-    block takes depends on how well the model's frames can be guessed."""
+    take those of size 1); freeze=True also folds the weights into the compiled code (inductor freezing), only for
+    a model that no longer changes (evaluation, not fine-tuning). jacobi: Jacobi decoding (True), token by token
+    (False), or whichever is faster (None), measured at run time per batch shape. Both give the same greedy tokens
+    (world_step), so the choice changes the speed, not the plan. Why measured: a Jacobi pass runs 37 inputs per row,
+    nearly free while a pass is bound by reading the weights (few rows, or a GPU) and up to 37x a token pass when it
+    is bound by arithmetic (many rows on a CPU), and how many passes a block takes depends on how well the model's
+    frames can be guessed."""
 
     def __init__(self, model, compile=False, freeze=False, jacobi=None, max_passes=8):
         self.model, self.jacobi, self.max_passes = model, jacobi, max_passes
@@ -112,7 +112,7 @@ class Planner:
             name = 'recompile_limit' if hasattr(c, 'recompile_limit') else 'cache_size_limit'  # (torch < 2.6)
             setattr(c, name, max(getattr(c, name), 64))
         self.stats = dict(blocks=0, passes=0)  # world steps and their forward passes
-        self.timing = {}  # jacobi None: batch shape -> [calls, seconds per world step token by token, by Jacobi]
+        self.timing = {}  # jacobi None: batch shape -> [world steps, last 2 times token by token, by Jacobi]
         self.probe_every = 16  # jacobi None: every 16th world step of a shape re-times the slower way
 
     def step(self, cache, act, draft, pos, tasks, key=None):
@@ -122,7 +122,7 @@ class Planner:
                                         self.max_passes, self.stats)
         if self.jacobi is not None:
             return run(self.jacobi)
-        t = self.timing.setdefault(key, [0, [], []])  # each way's last two times; the first (warm-up) is dropped
+        t = self.timing.setdefault(key, [0, [], []])  # each way runs twice first; the faster of 2 times counts
         t[0] += 1
         tried = [len(t[1]) > 1, len(t[2]) > 1]
         fast = tried[0] and tried[1] and min(t[1]) > min(t[2])

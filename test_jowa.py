@@ -1,5 +1,7 @@
 """
-JOWA tests: CPU, tiny configs, the official fixtures (../shared/fixtures), real ALE games for data and evaluation.
+JOWA tests: CPU, tiny configs, the official fixtures (fixtures/; ../shared/fixtures/official_tiny.pt where present),
+real ALE games for data and evaluation. Sections follow the scripts: model, tokenizer, data, plan (and MCTS),
+evaluate, train, finetune, imagination, bad input, Scaled-QL.
 
     python -m pytest -q test_jowa.py            # default suite
     python -m pytest -q -m slow test_jowa.py    # end-to-end runs (torchrun DDP, resume, compiled planner)
@@ -989,7 +991,7 @@ def test_collect_with_checkpoint_policy(tiny, tmp_path):
 
 
 # ==============================================================================================================
-# plan
+# plan (beam search) and mcts
 # ==============================================================================================================
 
 @pytest.fixture(scope='module')
@@ -1571,7 +1573,9 @@ def test_mcts_context_too_long_for_the_depth_is_an_error(fx, official):
         mcts.MCTS(official)(ctx, torch.tensor([ctx.shape[1]]), torch.tensor([task_id('Assault')]), horizon=4)
 
 
-# --- evaluation ---------------------------------------------------------------------------------------------------
+# ==============================================================================================================
+# evaluate
+# ==============================================================================================================
 
 def test_vector_env_frames_equal_gymnasium():
     from evaluate import Envs
@@ -1632,6 +1636,18 @@ def test_evaluate_command_line(tiny_eval, tmp_path):
     res = json.load(open(out))
     assert len(res['returns']['Pong']) == 2 and res['plan'] is False
     assert res['cut'] == {'Pong': [True, True]} and 'iqm_hns' not in res['summary']  # capped: no HNS
+
+
+def test_report_on_held_out_data_lacking_a_game_is_one_line_error(tiny_eval, tmp_path):
+    from evaluate import main
+    from dataclasses import asdict
+    cfg, model, tok = tiny_eval
+    ckpt = str(tmp_path / 'ckpt.pt')
+    save_checkpoint(dict(config=asdict(cfg), model=model.state_dict(), tokenizer=tok.state_dict()), ckpt)
+    (tmp_path / 'heldout').mkdir()
+    with pytest.raises(SystemExit, match=r'^error: --heldout=.*no processed dataset for Pong'):
+        main([f'--ckpt={ckpt}', '--games=Pong', f'--report={tmp_path / "rep"}', f'--heldout={tmp_path / "heldout"}'])
+    assert not (tmp_path / 'rep').exists()
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -2636,7 +2652,9 @@ def test_leftover_temp_files_of_a_killed_write_are_removed(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ['ckpt.pt'] and 'interrupted checkpoint write' in capsys.readouterr().out
 
 
-# --- Scaled-QL (scaled_ql.py) -----------------------------------------------------------------------------------
+# ==============================================================================================================
+# scaled_ql (the Scaled-QL baseline)
+# ==============================================================================================================
 # the baseline's known answers (n-step targets, frame stacks, heads, CQL), its training script and its evaluation
 # through evaluate.py, and --compare; CPU, the tiny preset, synthetic processed games, real ALE games to evaluate
 

@@ -91,7 +91,7 @@ DEMOS = dict(
                   '--stage1_steps=600', '--stage2_steps=2400', '--ckpt_interval=1000', '--eval_episodes=4',
                   '--eval_max_steps=2000', '--eval_max_seconds=60.0'],  # ~15 min
     long=DEMO + ['--data_dir=data_cache/long/processed', '--heldout_dir=data_cache/long/heldout', '--out_dir=out/long',
-                 '--demo_steps=10000', '--stage1_steps=1800', '--stage2_steps=10000', '--ckpt_interval=2000',
+                 '--demo_steps=10000', '--stage1_steps=2000', '--stage2_steps=10000', '--ckpt_interval=2000',
                  '--eval_episodes=16', '--eval_max_steps=27000', '--eval_max_seconds=900.0'],  # ~60 min
 )
 argv = sys.argv[1:]
