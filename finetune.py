@@ -137,7 +137,7 @@ def finetune(argv):
     if args['train_tokenizer']:
         load_lpips_weights(tokenizer)  # a no-op when the checkpoint holds them
         tok_opt = torch.optim.Adam([p.requires_grad_() for p in tokenizer.trainable_parameters()], lr=cfg.lr_tokenizer)
-    planner = Planner(model, compile=cfg.compile)
+    planner = Planner(model, compile=cfg.compile, jacobi=True)  # not timings: a resumed run imagines the same
     step, best = 0, dict(score=float('-inf'), step=0)
     if state:
         opt.load_state_dict(state['optimizer'])
