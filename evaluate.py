@@ -129,7 +129,7 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
     batched over environments (at most `batch` per planner call; default 16 on CPU, 64 on GPU). plan=False is the
     greedy Q policy (H = 0); horizon/beam/context override cfg and the tables. policy='random' plays uniformly
     random valid actions instead, drawn from the same per-rollout RNGs (the model is not run). Model and tokenizer
-    in eval mode; cfg.dtype picks autocast, cfg.planner beam search or MCTS (plan.MCTS: cfg.mcts_simulations and
+    in eval mode; cfg.dtype picks autocast, cfg.planner beam search or MCTS (mcts.MCTS: cfg.mcts_simulations and
     cfg.mcts_temperature, max depth H - 1), cfg.compile a compiled planner (freeze=True: with frozen weights, only for
     a model that will not change in this process). Returns ({game: [raw return of each episode]}, {game: [cut
     of each episode]}): an episode cut by max_steps (agent steps, default cfg.max_steps) or max_seconds (wall clock

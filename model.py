@@ -76,7 +76,7 @@ class JOWAConfig:
     compile: bool = False
     # --- planning / evaluation (B§7, B§8)
     horizon: int = 2           # beam-search depth H (0 = greedy Q policy); MCTS: max tree depth H - 1
-    planner: str = 'beam'      # 'beam' (the paper's) or 'mcts' (its Table 5 comparison, plan.MCTS)
+    planner: str = 'beam'      # 'beam' (the paper's) or 'mcts' (its Table 5 comparison, mcts.MCTS)
     mcts_simulations: int = 20  # MCTS simulations per decision (official eval_MCTS.sh)
     mcts_temperature: float = 0.9  # MCTS priors softmax(Q / T) (official eval_MCTS.sh)
     plan_lambda: float = 1.0   # beam score: lambda-return of the path's n-step estimates (1 = official, 0 = greedy)

@@ -15,7 +15,7 @@ best K per environment survive. The first action of the best depth-H path is ret
 
 MCTS, the paper's Table 5 comparison, is in mcts.py, on the same world_step.
 Imagination (at the end; B§7.5) turns the planner into training data: `imagine` rolls real segments on in the world
-model (beam search, or epsilon-greedy w.r.t. the critic: Planner with beam 1 and epsilon), `Replay` is the FIFO of
+model (beam search, or epsilon-greedy w.r.t. the critic: Planner with beam 1 and epsilon), `data.Replay` is the FIFO of
 the imagined segments. finetune.py and train.py --imagine both use them.
 
     seg = imagine(planner, tokenizer, batch, horizon=4, epsilon=0.1)       # or horizon=2, beam=2 (fine-tuning)
