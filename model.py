@@ -329,32 +329,48 @@ class KVCache:
     """Preallocated keys and values of every layer, each (n_layer, B, n_head, length, head_dim), length (default
     max_tokens) the positions held. Positions are per row (see JOWA.forward), so rows may hold contexts of different
     lengths. select copies rows (beam expansion and pruning); read/write move blocks of positions per row (a search
-    tree that keeps each node's block apart, mcts.py)."""
+    tree that keeps each node's block apart, mcts.py); fork shares the keys of a context between the rows that go on
+    from it (a beam's candidates)."""
 
     def __init__(self, cfg, batch, device='cpu', dtype=torch.float32, length=None):
         shape = (cfg.n_layer, batch, cfg.n_head, length or cfg.max_tokens, cfg.n_embd // cfg.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.prefix = self.base = None  # a forked cache's shared prefix (KVCache) and where each row's own part starts
+
+    def fork(self, base, length):
+        """A cache for rows that go on from this cache's G rows: this cache becomes their shared prefix, read by each
+        row at positions < base (B,), and each row's positions base .. base + length - 1 are its own `length` slots.
+        Rows are group-major: B = G x R, rows g*R .. g*R + R - 1 go on from prefix row g (fork itself: R = 1; select
+        must keep that order). Why: a beam's candidates share their environment's context, whose keys are then
+        stored and read once per environment, not copied to and read by every candidate (prefix_attention)."""
+        L, G, nh, _, hd = self.k.shape
+        new = KVCache.__new__(KVCache)
+        new.k, new.v = (self.k.new_zeros(L, G, nh, length, hd) for _ in range(2))
+        new.prefix, new.base = self, base
+        return new
 
     def select(self, idx):
         """New cache holding rows idx (B',) of this one: beam expansion (repeat) and pruning (gather)."""
         new = KVCache.__new__(KVCache)
         new.k, new.v = self.k.index_select(1, idx), self.v.index_select(1, idx)
+        new.prefix, new.base = self.prefix, None if self.base is None else self.base.index_select(0, idx)
         return new
 
-    def _index(self, pos, n):  # (L, B, nh, n, hd) index of positions pos (B,) .. pos + n - 1
-        L, B, nh, _, hd = self.k.shape
-        return (pos[:, None] + torch.arange(n, device=pos.device))[None, :, None, :, None].expand(L, B, nh, n, hd)
+    def _index(self, pos, n):  # rows (B, 1) and positions (B, n): pos (B,) .. pos + n - 1 of each row
+        return torch.arange(len(pos), device=pos.device)[:, None], pos[:, None] + torch.arange(n, device=pos.device)
 
+    # indexing, not gather/scatter_ along the position dimension (scatter_ into a bfloat16 cache is far slower on a
+    # CPU: bench.py plan); cache[:, rows, :, slots] is (B, n, L, nh, hd), hence the permutes
     def read(self, pos, n):
         """Keys and values (L, B, nh, n, hd) at positions pos (B,) .. pos + n - 1 of each row."""
-        idx = self._index(pos, n)
-        return self.k.gather(3, idx), self.v.gather(3, idx)
+        rows, slots = self._index(pos, n)
+        return (c[:, rows, :, slots].permute(2, 0, 3, 1, 4) for c in (self.k, self.v))
 
     def write(self, pos, k, v):
         """Store k, v (L, B, nh, n, hd) at positions pos (B,) .. pos + n - 1 of each row."""
-        idx = self._index(pos, k.shape[3])
-        self.k.scatter_(3, idx, k), self.v.scatter_(3, idx, v)
+        rows, slots = self._index(pos, k.shape[3])
+        self.k[:, rows, :, slots], self.v[:, rows, :, slots] = k.permute(1, 3, 0, 2, 4), v.permute(1, 3, 0, 2, 4)
 
 
 def dropout(x, p, training=True):
@@ -377,6 +393,21 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
+def prefix_attention(q, k, v, prefix_k, prefix_v, mask, prefix_mask):
+    """Attention of queries q (B, nh, T, hs) over each row's own keys and values k, v (B, nh, S, hs) where mask (B,
+    1, T, S) allows and over its group's shared prefix prefix_k, prefix_v (G, nh, n, hs) where prefix_mask (B, 1,
+    1, n) allows (a forked KVCache; rows group-major, B = G x R): one softmax over both parts, no dropout. The prefix
+    is read once per group: the R rows' queries form one (R*T, hs) batch against it."""
+    B, nh, T, hs = q.shape
+    G, n = prefix_k.shape[0], prefix_k.shape[2]
+    R = B // G
+    group = lambda t: t.view(G, R, nh, T, -1).transpose(1, 2).reshape(G, nh, R * T, -1)  # (B,nh,T,X) -> (G,nh,RT,X)
+    ungroup = lambda t: t.view(G, nh, R, T, -1).transpose(1, 2).reshape(B, nh, T, -1)
+    s = torch.cat([ungroup(group(q) @ prefix_k.transpose(-2, -1)), q @ k.transpose(-2, -1)], -1) * hs ** -0.5
+    a = s.masked_fill(~torch.cat([prefix_mask.expand(-1, -1, T, -1), mask], -1), float('-inf')).softmax(-1)
+    return ungroup(group(a[..., :n]) @ prefix_v) + a[..., n:] @ v  # (B, nh, T, hs)
+
+
 class SelfAttention(nn.Module):
 
     def __init__(self, cfg):
@@ -386,13 +417,18 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.resid_drop = Dropout(cfg.dropout)
 
-    def forward(self, x, cache=None, layer=0, write_idx=None, mask=None):
+    def forward(self, x, cache=None, layer=0, write_idx=None, mask=None, rows=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
         if cache is not None and write_idx is None:  # prefill from position 0: keys/values go to [0, T)
             cache.k[layer, :, :, :T], cache.v[layer, :, :, :T] = k, v
+        if rows is not None:  # queries only at positions rows (B, R) of a window from 0, each over the keys <= it
+            q = q.gather(2, rows[:, None, :, None].expand(-1, self.n_head, -1, q.shape[-1]))  # (B, nh, R, hs)
+            see = torch.arange(T, device=x.device) <= rows[..., None]  # (B, R, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=see[:, None], dropout_p=p)
+            return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, -1, C)))
         if cache is None and p > 0 and x.device.type == 'cpu':  # training on CPU: written out for the cheaper
             # dropout mask (SDPA's math path would draw it with F.dropout); scale and causal mask fused in the matmul
             causal = torch.full((T, T), float('-inf'), device=x.device).triu(1)  # (T, T) 0 / -inf
@@ -404,11 +440,15 @@ class SelfAttention(nn.Module):
         else:
             # write the new keys/values at their positions, attend over the whole preallocated cache with an
             # explicit mask: is_causal=True would align the mask top-left, wrong when T < cache length (B§2.3)
-            idx = write_idx[:, None, :, None].expand_as(k)  # (B, nh, T, hs)
-            cache.k[layer].scatter_(2, idx, k.to(cache.k.dtype))
-            cache.v[layer].scatter_(2, idx, v.to(cache.v.dtype))
-            y = F.scaled_dot_product_attention(q, cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype),
-                                               attn_mask=mask, dropout_p=p)
+            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1); [rows, :, write_idx] is (B, T, nh, hs)
+            cache.k[layer][rows, :, write_idx] = k.transpose(1, 2).to(cache.k.dtype)
+            cache.v[layer][rows, :, write_idx] = v.transpose(1, 2).to(cache.v.dtype)
+            k, v = cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype)
+            if cache.prefix is None:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            else:  # a forked cache: mask = (own keys' mask, prefix keys' mask)
+                pk, pv = (c[layer].to(q.dtype) for c in (cache.prefix.k, cache.prefix.v))
+                y = prefix_attention(q, k, v, pk, pv, *mask)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -423,8 +463,10 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
                                  nn.Linear(4 * cfg.n_embd, cfg.n_embd), Dropout(cfg.dropout))
 
-    def forward(self, x, **kw):
-        x = x + self.attn(self.ln1(x), **kw)
+    def forward(self, x, rows=None, **kw):
+        """rows (B, R): the block's output only at those positions (B, R, E), see JOWA.forward."""
+        a = self.attn(self.ln1(x), rows=rows, **kw)
+        x = x + a if rows is None else x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1])) + a
         return x + self.mlp(self.ln2(x))
 
 
@@ -497,11 +539,13 @@ class JOWA(nn.Module):
         self.head_q_target.eval()  # the target head never uses dropout
         return self
 
-    def forward(self, tokens, tasks, cache=None, pos=None):
+    def forward(self, tokens, tasks, cache=None, pos=None, rows=None):
         """tokens (B, T) interleaved obs / action ids, tasks (B,) -> hidden states (B, T, E) after ln_f.
         Without a cache, or with a cache and pos None (prefill), the window starts at position 0. With a cache and
         pos (B,), the position of tokens[:, 0] in each row's window, keys/values are written there and each token
-        attends to the cached positions <= its own (the planner's decoding, plan.py)."""
+        attends to the cached positions <= its own (the planner's decoding, plan.py). rows (B, R), only with pos
+        None: the hidden states (B, R, E) at those positions alone; the last block then runs its queries, attention
+        output and MLP only there (greedy and prefill read 1 or 37 positions: the rest of that work is discarded)."""
         B, T = tokens.shape
         p = torch.arange(T, device=tokens.device) + (0 if pos is None else pos[:, None])  # (B, T) (or (T,)) positions
         is_act = (p % self.cfg.tokens_per_block) == self.cfg.obs_tokens  # (B, T) action-token positions
@@ -509,11 +553,18 @@ class JOWA(nn.Module):
         task = torch.where(is_act[..., None], self.task_emb_act(tasks)[:, None], self.task_emb_obs(tasks)[:, None])
         x = self.drop(tok + self.pos_emb(p) + task)
         kw = {} if cache is None else dict(cache=cache)
-        if cache is not None and pos is not None:
+        if cache is not None and pos is not None:  # slots (B, T) of the new keys: positions, less a fork's base
+            slot = p if cache.base is None else p - cache.base[:, None]
             keys = torch.arange(cache.k.shape[3], device=tokens.device)
-            kw = dict(cache=cache, write_idx=p, mask=(keys <= p[..., None])[:, None])  # mask (B, 1, T, S)
+            mask = (keys <= slot[..., None])[:, None]  # (B, 1, T, S)
+            if cache.prefix is not None:  # and the prefix's keys before each row's base: (B, 1, 1, n)
+                pre = torch.arange(cache.prefix.k.shape[3], device=tokens.device) < cache.base[:, None]
+                mask = mask, pre[:, None, None]
+            kw = dict(cache=cache, write_idx=slot, mask=mask)
+        if rows is not None and pos is not None:
+            raise ValueError("rows: only for a window from position 0 (pos None)")
         for i, block in enumerate(self.blocks):
-            x = block(x, layer=i, **kw)
+            x = block(x, layer=i, rows=rows if i == len(self.blocks) - 1 else None, **kw)
         return self.ln_f(x)
 
     def world_logits(self, h):

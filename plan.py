@@ -84,9 +84,8 @@ def prefill(forward, model, ctx, ctx_len, tasks, blocks, guess=None):
     amp = torch.is_autocast_enabled(dev.type)
     dtype = torch.get_autocast_dtype(dev.type) if amp else model.pos_emb.weight.dtype
     cache = KVCache(cfg, N, dev, dtype, length=n + cfg.tokens_per_block * blocks)
-    h = forward(ctx, tasks, cache=cache)  # (N, n, E); right padding is invisible to earlier positions
     last = (ctx_len[:, None] - 37 + torch.arange(37, device=dev)).clamp(min=0)  # (N, 37): the last block's
-    h = h.gather(1, last[..., None].expand(-1, -1, h.shape[-1]))
+    h = forward(ctx, tasks, cache=cache, rows=last)  # (N, 37, E); right padding is invisible to earlier positions
     read = model.head_obs(h[:, :36]).argmax(-1)  # (N, 36): positions -37..-2 predict the frame's tokens
     read = torch.where(ctx_len[:, None] > 36, read, ctx.gather(1, last[:, 1:]))
     draft = read if guess is None else torch.where(guess >= 0, guess, read)
@@ -157,7 +156,7 @@ class Planner:
         K = torch.as_tensor(beam, device=dev).expand(N)
         ar = torch.arange(N, device=dev)
         if H == 0:  # greedy: one forward (right padding is invisible to earlier positions under causal attention)
-            q = model.q_values(self.forward(ctx, tasks)[ar, ctx_len - 1], tasks)
+            q = model.q_values(self.forward(ctx, tasks, rows=ctx_len[:, None] - 1)[:, 0], tasks)
             return dict(action=q.argmax(-1), q=q)
         if guess is not None and (guess.shape != (N, cfg.obs_tokens) or guess.is_floating_point()
                                   or bool((guess >= cfg.obs_vocab).any())):
@@ -168,6 +167,7 @@ class Planner:
                 raise ValueError("epsilon-greedy plays one action per step: beam must be 1")
             noise = torch.rand(N, H, 1 + A, device=dev) if noise is None else noise.to(dev)
         cache, q, draft = prefill(self.forward, model, ctx, ctx_len, tasks, H, guess)  # root Q (N, A)
+        cache = cache.fork(ctx_len, T * H)  # the context's keys once per environment; candidates copy their own
         Kmax = min(int(K.max()), A)  # one static width for the batch; narrower environments mask their extra slots
         keff = torch.minimum(K, model.valid[tasks].sum(-1))  # B§7.2: K_eff = min(K, number of valid actions)
         slots = torch.arange(Kmax, device=dev)

@@ -276,6 +276,51 @@ def test_cached_decode_equals_full_forward_with_per_row_positions():
     assert sel.k.shape[1] == 3 and torch.equal(sel.k[:, 0], cache.k[:, 1])
 
 
+def test_forward_at_rows_equals_the_full_forward_there_and_fills_the_same_cache():
+    cfg = make_config('tiny')
+    model = JOWA(cfg).eval()
+    b = random_batch(cfg, B=3)
+    tokens = torch.cat([b['observations'], b['actions'][..., None]], -1).flatten(1)[:, :200]
+    rows = torch.tensor([[0, 5, 199], [36, 36, 100], [150, 151, 152]])  # any positions, repeated or not
+    with torch.no_grad():
+        c_full, c2 = KVCache(cfg, 3), KVCache(cfg, 3)
+        full = model(tokens, b['envs'], cache=c_full)
+        part = model(tokens, b['envs'], cache=c2, rows=rows)
+        plain = model(tokens, b['envs'], rows=rows)
+    want = full.gather(1, rows[..., None].expand(-1, -1, full.shape[-1]))
+    assert part.shape == (3, 3, cfg.n_embd) and (part - want).abs().max() < 1e-5 and (plain - want).abs().max() < 1e-5
+    assert torch.equal(c2.k, c_full.k) and torch.equal(c2.v, c_full.v)  # every layer's keys, the last one's too
+    with pytest.raises(ValueError, match='rows'):
+        model(tokens[:, :1], b['envs'], cache=c2, pos=torch.zeros(3, dtype=torch.long), rows=rows[:, :1])
+
+
+def test_forked_cache_decodes_as_a_copied_context_does():
+    """A forked KVCache (the context's keys shared per environment, prefix_attention) decodes the same hidden states
+    as a cache that copies the context into every row, through select's expansion and pruning."""
+    cfg = make_config('tiny')
+    model = JOWA(cfg).eval()
+    b = random_batch(cfg, B=2)
+    tokens = torch.cat([b['observations'], b['actions'][..., None]], -1).flatten(1)
+    n = torch.tensor([73, 147])  # right-padded contexts of 2 and 4 blocks
+    ctx = tokens[:, :147] * (torch.arange(147) < n[:, None])
+    with torch.no_grad():
+        copied, shared = KVCache(cfg, 2), None
+        model(ctx, b['envs'], cache=copied)
+        shared = copied.fork(n, 2 * 37)
+        rows, tasks = torch.tensor([0, 0, 0, 1, 1, 1]), b['envs'][[0, 0, 0, 1, 1, 1]]  # 3 candidates per environment
+        copied, shared = copied.select(rows), shared.select(rows)
+        new = torch.randint(0, cfg.num_actions, (6, 74))  # ids valid as obs and as action tokens
+        outs = []
+        for c in (copied, shared):
+            h1 = model(new[:, :37], tasks, cache=c, pos=n[rows])
+            c = c.select(torch.tensor([2, 0, 4, 5]))  # keep 2 per environment
+            h2 = model(new[[2, 0, 4, 5], 37:], tasks[[2, 0, 4, 5]], cache=c, pos=n[rows][[2, 0, 4, 5]] + 37)
+            outs.append((h1, h2))
+    (a1, a2), (b1, b2) = outs
+    assert (a1 - b1).abs().max() < 1e-5 and (a2 - b2).abs().max() < 1e-5
+    assert shared.k.shape[3] == 74 and shared.prefix.k.shape[1] == 2  # own slots per row, the context once per env
+
+
 def test_cpu_dropout_keeps_its_rate_scale_and_determinism():
     x = torch.ones(1 << 20, requires_grad=True)
     torch.manual_seed(0)
