@@ -20,6 +20,7 @@ the imagined segments. finetune.py and train.py --imagine both use them.
 
     seg = imagine(planner, tokenizer, batch, horizon=4, epsilon=0.1)       # or horizon=2, beam=2 (fine-tuning)
 """
+import statistics
 import time
 
 import torch
@@ -111,7 +112,7 @@ class Planner:
             name = 'recompile_limit' if hasattr(c, 'recompile_limit') else 'cache_size_limit'  # (torch < 2.6)
             setattr(c, name, max(getattr(c, name), 64))
         self.stats = dict(blocks=0, passes=0)  # world steps and their forward passes
-        self.timing = {}  # jacobi None: batch shape -> [world steps, last 2 times token by token, by Jacobi]
+        self.timing = {}  # jacobi None: batch shape -> [world steps, times token by token, times by Jacobi]
         self.probe_every = 16  # jacobi None: every 16th world step of a shape re-times the slower way
 
     def step(self, cache, act, draft, pos, tasks, key=None):
@@ -121,16 +122,22 @@ class Planner:
                                         self.max_passes, self.stats)
         if self.jacobi is not None:
             return run(self.jacobi)
-        t = self.timing.setdefault(key, [0, [], []])  # each way runs twice first; the faster of 2 times counts
+        # each way runs 4 times first, the first a warm-up (not counted); then the faster by the median of its last
+        # 8 counted times (a Jacobi step's time depends on how well its frame was guessed: one hard frame must not
+        # decide, nor one easy one)
+        t = self.timing.setdefault(key, [0, [], []])
         t[0] += 1
-        tried = [len(t[1]) > 1, len(t[2]) > 1]
-        fast = tried[0] and tried[1] and min(t[1]) > min(t[2])
-        jacobi = not tried[1] if not all(tried) else fast != (t[0] % self.probe_every == 0)
+        if len(t[1]) < 4 or len(t[2]) < 4:
+            jacobi = len(t[2]) < 4
+        else:
+            jacobi = (statistics.median(t[2][1:]) < statistics.median(t[1][1:])) != (t[0] % self.probe_every == 0)
         t0 = time.perf_counter()
         out = run(jacobi)
         if act.device.type == 'cuda':
             torch.cuda.synchronize(act.device)
-        t[1 + jacobi] = (t[1 + jacobi] + [time.perf_counter() - t0])[-2:]
+        times = t[1 + jacobi]
+        times.append(time.perf_counter() - t0)
+        del times[1:-8]  # the warm-up and the last 8
         return out
 
     @torch.no_grad()

@@ -1197,20 +1197,21 @@ def test_jacobi_decoding_equals_token_by_token(fx, official, max_passes):
 
 
 def test_auto_decoding_times_both_ways_and_plans_the_same(fx, official, monkeypatch):
-    """jacobi=None (the default) runs each batch shape's world steps by Jacobi twice, then token by token twice (the
-    first of each is a warm-up), then the faster by the last two times, and the slower again every probe_every-th
+    """jacobi=None (the default) runs each batch shape's world steps by Jacobi 4 times, then token by token 4 times
+    (the first of each a warm-up), then the faster by its median time, and the slower again every probe_every-th
     step; every plan equals token by token."""
     ctx, lens, tasks, K = mixed_batch(fx)
     ref = Planner(official, jacobi=False)(ctx, lens, tasks, beam=K, horizon=2, trace=True)
     auto, ways, step = Planner(official), [], plan.world_step
-    auto.probe_every = 3
+    auto.probe_every = 5
     monkeypatch.setattr(plan, 'world_step', lambda *a: ways.append(a[7]) or step(*a))
-    for _ in range(6):
+    for _ in range(11):
         assert_same_plans(auto(ctx, lens, tasks, beam=K, horizon=2, trace=True), ref)
     assert sorted(auto.timing) == [(1, 20), (2, 100)]  # (depth, rows): 4 environments x 5, then x 25 candidates
     for d in (0, 1):  # two world steps per call, depth 1 then 2
         w = ways[d::2]
-        assert w[:4] == [True, True, False, False] and w[4] != w[5], (d, w)
+        assert w[:8] == [True] * 4 + [False] * 4 and w[8] == w[10] != w[9], (d, w)  # step 10: a probe
+    assert all(len(t[1]) <= 9 and len(t[2]) <= 9 for t in auto.timing.values())
 
 
 def world_step_inputs(fx, official):
