@@ -171,17 +171,18 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
     ret, steps, done, cut = np.zeros(N), np.zeros(N, dtype=np.int64), np.zeros(N, dtype=bool), np.zeros(N, dtype=bool)
     video_frames, imagined, t0 = [], np.zeros_like(frames[0]), time.time()
     bar = tqdm(total=N, unit='episode', disable=not verbose, dynamic_ncols=True)
-    while not done.all():
-        act = np.flatnonzero(~done)  # active slots
-        rows = torch.as_tensor(act, device=dev)
-        if policy == 'random':
-            actions = np.zeros(N, dtype=np.int64)
-            actions[act] = [rngs[i].choice(valid[i]) for i in act]
-        elif model_free:
-            with amp:
+    # one autocast region for the whole evaluation: autocast keeps its casts of the weights within a region, so
+    # they are cast once, not at every decision (the weights do not change here)
+    with amp:
+        while not done.all():
+            act = np.flatnonzero(~done)  # active slots
+            rows = torch.as_tensor(act, device=dev)
+            if policy == 'random':
+                actions = np.zeros(N, dtype=np.int64)
+                actions[act] = [rngs[i].choice(valid[i]) for i in act]
+            elif model_free:
                 actions = model_free_actions(model, stack, frames, act, rngs, valid, cfg.epsilon, tasks, batch)
-        else:
-            with amp:
+            else:
                 # B§7.1: encode the new frame, append its tokens (sliding window of whole blocks)
                 x = torch.as_tensor(frames[act], device=dev).float().div(255)[:, None]  # (n, 1, 84, 84)
                 tok = torch.cat([tokenizer.encode(c) for c in x.split(256)])  # (n, 36)
@@ -205,28 +206,29 @@ def evaluate(model, tokenizer, cfg, games, episodes, plan=False, max_steps=None,
                     if H:
                         guess[r] = out['obs'][:, 0]
                 mem[rows, nblk[rows] - 1, cfg.obs_tokens] = torch.as_tensor(actions[act], device=dev)
-        if video and not done[0]:  # with planning: beside the real frame, the one the last plan imagined for it
-            video_frames.append(np.concatenate([frames[0], imagined], 1) if H else frames[0].copy())
-            if H:
-                imagined = np.zeros_like(frames[0]) if guess[0, 0] < 0 else \
-                    (tokenizer.decode(guess[:1])[0, 0] * 255).round().byte().cpu().numpy()
-        # step every game's environments
-        for gi, e in enumerate(envs):
-            s = np.flatnonzero(slot_game == gi)
-            if done[s].all():
-                continue
-            rew, term = e.step(actions[s], ~done[s])
-            frames[s], ret[s], steps[s] = e.frames, ret[s] + rew * ~done[s], steps[s] + ~done[s]
-            out_of_time = max_seconds is not None and time.time() - t0 > max_seconds
-            for i in s[~done[s] & (term | (steps[s] >= max_steps) | out_of_time)]:
-                done[i], cut[i] = True, not term[i - s[0]]
-                why = 'game over' if term[i - s[0]] else ('step cap' if steps[i] >= max_steps else 'time cap')
-                if verbose:
-                    tqdm.write(f"{games[gi]} episode {i % episodes}: return {ret[i]:.0f} in {steps[i]} steps ({why})")
-                bar.update(1)
-            if done[s].all():
-                e.close()
-        bar.set_postfix(step=int(steps.max()), done=int(done.sum()))
+            if video and not done[0]:  # with planning: beside the real frame, the one the last plan imagined for it
+                video_frames.append(np.concatenate([frames[0], imagined], 1) if H else frames[0].copy())
+                if H:
+                    imagined = np.zeros_like(frames[0]) if guess[0, 0] < 0 else \
+                        (tokenizer.decode(guess[:1])[0, 0] * 255).round().byte().cpu().numpy()
+            # step every game's environments
+            for gi, e in enumerate(envs):
+                s = np.flatnonzero(slot_game == gi)
+                if done[s].all():
+                    continue
+                rew, term = e.step(actions[s], ~done[s])
+                frames[s], ret[s], steps[s] = e.frames, ret[s] + rew * ~done[s], steps[s] + ~done[s]
+                out_of_time = max_seconds is not None and time.time() - t0 > max_seconds
+                for i in s[~done[s] & (term | (steps[s] >= max_steps) | out_of_time)]:
+                    done[i], cut[i] = True, not term[i - s[0]]
+                    why = 'game over' if term[i - s[0]] else ('step cap' if steps[i] >= max_steps else 'time cap')
+                    if verbose:
+                        tqdm.write(f"{games[gi]} episode {i % episodes}: return {ret[i]:.0f} in {steps[i]} steps "
+                                   f"({why})")
+                    bar.update(1)
+                if done[s].all():
+                    e.close()
+            bar.set_postfix(step=int(steps.max()), done=int(done.sum()))
     bar.close()
     if video:
         save_video(video, video_frames)
