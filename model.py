@@ -393,19 +393,25 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-def prefix_attention(q, k, v, prefix_k, prefix_v, mask, prefix_mask):
-    """Attention of queries q (B, nh, T, hs) over each row's own keys and values k, v (B, nh, S, hs) where mask (B,
-    1, T, S) allows and over its group's shared prefix prefix_k, prefix_v (G, nh, n, hs) where prefix_mask (B, 1,
-    1, n) allows (a forked KVCache; rows group-major, B = G x R): one softmax over both parts, no dropout. The prefix
-    is read once per group: the R rows' queries form one (R*T, hs) batch against it."""
+def prefix_attention(q, k, v, prefix_k, prefix_v, bias, prefix_bias):
+    """Attention of queries q (B, nh, T, hs) over each row's own keys and values k, v (B, nh, S, hs), with additive
+    bias (B, 1, T, S) (0 where allowed, -inf not), and over its group's shared prefix prefix_k, prefix_v (G, nh, n,
+    hs) with prefix_bias (G, 1, 1, n) (a forked KVCache; rows group-major, B = G x R): one softmax over both parts,
+    no dropout. The prefix is read once per group, the R rows' queries as one (R*T, hs) batch, and the prefix
+    scores stay in that grouped layout; the softmax is written out (exp of the scores less their joint max, divided
+    by the joint sum) so that each score is written once and read three times."""
     B, nh, T, hs = q.shape
     G, n = prefix_k.shape[0], prefix_k.shape[2]
     R = B // G
     group = lambda t: t.view(G, R, nh, T, -1).transpose(1, 2).reshape(G, nh, R * T, -1)  # (B,nh,T,X) -> (G,nh,RT,X)
     ungroup = lambda t: t.view(G, nh, R, T, -1).transpose(1, 2).reshape(B, nh, T, -1)
-    s = torch.cat([ungroup(group(q) @ prefix_k.transpose(-2, -1)), q @ k.transpose(-2, -1)], -1) * hs ** -0.5
-    a = s.masked_fill(~torch.cat([prefix_mask.expand(-1, -1, T, -1), mask], -1), float('-inf')).softmax(-1)
-    return ungroup(group(a[..., :n]) @ prefix_v) + a[..., n:] @ v  # (B, nh, T, hs)
+    q = q * hs ** -0.5
+    s1 = (group(q) @ prefix_k.transpose(-2, -1)).add_(prefix_bias)  # (G, nh, RT, n)
+    s2 = (q @ k.transpose(-2, -1)).add_(bias)  # (B, nh, T, S)
+    m = torch.maximum(group(s2.amax(-1, keepdim=True)), s1.amax(-1, keepdim=True))  # (G, nh, RT, 1): finite (a row
+    s1, s2 = s1.sub_(m).exp_(), s2.sub_(ungroup(m)).exp_()  # sees at least its own key)
+    z = s1.sum(-1, keepdim=True) + group(s2.sum(-1, keepdim=True))  # (G, nh, RT, 1)
+    return ungroup((s1 @ prefix_v + group(s2 @ v)) / z)  # (B, nh, T, hs)
 
 
 class SelfAttention(nn.Module):
@@ -446,7 +452,7 @@ class SelfAttention(nn.Module):
             k, v = cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype)
             if cache.prefix is None:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-            else:  # a forked cache: mask = (own keys' mask, prefix keys' mask)
+            else:  # a forked cache: mask = (own keys' bias, prefix keys' bias)
                 pk, pv = (c[layer].to(q.dtype) for c in (cache.prefix.k, cache.prefix.v))
                 y = prefix_attention(q, k, v, pk, pv, *mask)
         y = y.transpose(1, 2).reshape(B, T, C)
@@ -557,9 +563,12 @@ class JOWA(nn.Module):
             slot = p if cache.base is None else p - cache.base[:, None]
             keys = torch.arange(cache.k.shape[3], device=tokens.device)
             mask = (keys <= slot[..., None])[:, None]  # (B, 1, T, S)
-            if cache.prefix is not None:  # and the prefix's keys before each row's base: (B, 1, 1, n)
-                pre = torch.arange(cache.prefix.k.shape[3], device=tokens.device) < cache.base[:, None]
-                mask = mask, pre[:, None, None]
+            if cache.prefix is not None:  # and the prefix's keys before each row's base
+                G = cache.prefix.k.shape[1]  # a group's rows share its prefix row's base
+                pre = torch.arange(cache.prefix.k.shape[3], device=tokens.device) < cache.base.view(G, -1)[:, :1]
+                zero = torch.zeros((), device=tokens.device)  # additive biases: 0 where allowed, -inf not
+                mask = (zero.masked_fill(~mask, float('-inf')),
+                        zero.masked_fill(~pre, float('-inf'))[:, None, None])  # (B, 1, T, S), (G, 1, 1, n)
             kw = dict(cache=cache, write_idx=slot, mask=mask)
         if rows is not None and pos is not None:
             raise ValueError("rows: only for a window from position 0 (pos None)")

@@ -71,20 +71,21 @@ def world_step(forward, model, cache, act, draft, pos, tasks, jacobi=True, max_p
     return x[:, 1:], rew, end, model.q_values(hq, tasks)
 
 
-def prefill(forward, model, ctx, ctx_len, tasks, blocks, guess=None):
+def prefill(forward, model, ctx, ctx_len, tasks, blocks, guess=None, reserve=True):
     """Prefill the contexts (as for Planner.__call__) into a new KVCache (compute dtype: autocast's, else the
-    weights') with room for `blocks` imagined blocks (else ValueError). Returns the cache, the root Q (N, A) at the
-    last obs token and the first draft of the next frame (N, 36): the caller's guess (N, 36) where given (-1 rows:
-    none), else the model's teacher-forced reading of the current frame (a one-block context: the frame itself).
-    Why: a model imagines frames in its own style, so its next frame is closer to its reading of the current frame
-    than to the real one, and Jacobi decoding agrees in fewer passes (the tokens never change)."""
+    weights'); the contexts must leave room for `blocks` imagined blocks (else ValueError), which the cache holds
+    too if reserve (else it holds the contexts alone, e.g. to be forked: KVCache.fork). Returns the cache, the root
+    Q (N, A) at the last obs token and the first draft of the next frame (N, 36): the caller's guess (N, 36) where
+    given (-1 rows: none), else the model's teacher-forced reading of the current frame (a one-block context: the
+    frame itself). Why: a model imagines frames in its own style, so its next frame is closer to its reading of the
+    current frame than to the real one, and Jacobi decoding agrees in fewer passes (the tokens never change)."""
     cfg, (N, n), dev = model.cfg, ctx.shape, ctx.device
     if n + cfg.tokens_per_block * blocks > cfg.max_tokens:
         raise ValueError(f"a context of {n} tokens leaves no room for {blocks} imagined blocks (at most "
                          f"{cfg.max_tokens - cfg.tokens_per_block * blocks} tokens: {cfg.max_blocks - blocks} blocks)")
     amp = torch.is_autocast_enabled(dev.type)
     dtype = torch.get_autocast_dtype(dev.type) if amp else model.pos_emb.weight.dtype
-    cache = KVCache(cfg, N, dev, dtype, length=n + cfg.tokens_per_block * blocks)
+    cache = KVCache(cfg, N, dev, dtype, length=n + cfg.tokens_per_block * blocks * reserve)
     last = (ctx_len[:, None] - 37 + torch.arange(37, device=dev)).clamp(min=0)  # (N, 37): the last block's
     h = forward(ctx, tasks, cache=cache, rows=last)  # (N, 37, E); right padding is invisible to earlier positions
     read = model.head_obs(h[:, :36]).argmax(-1)  # (N, 36): positions -37..-2 predict the frame's tokens
@@ -173,7 +174,7 @@ class Planner:
             if bool((K != 1).any()):
                 raise ValueError("epsilon-greedy plays one action per step: beam must be 1")
             noise = torch.rand(N, H, 1 + A, device=dev) if noise is None else noise.to(dev)
-        cache, q, draft = prefill(self.forward, model, ctx, ctx_len, tasks, H, guess)  # root Q (N, A)
+        cache, q, draft = prefill(self.forward, model, ctx, ctx_len, tasks, H, guess, reserve=False)  # root Q (N,A)
         cache = cache.fork(ctx_len, T * H)  # the context's keys once per environment; candidates copy their own
         Kmax = min(int(K.max()), A)  # one static width for the batch; narrower environments mask their extra slots
         keff = torch.minimum(K, model.valid[tasks].sum(-1))  # B§7.2: K_eff = min(K, number of valid actions)
