@@ -401,7 +401,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, bias, prefix_bias):
     scores stay in that grouped layout; the softmax is written out (exp of the scores less their joint max, divided
     by the joint sum) so that each score is written once and read three times."""
     B, nh, T, hs = q.shape
-    G, n = prefix_k.shape[0], prefix_k.shape[2]
+    G = prefix_k.shape[0]
     R = B // G
     group = lambda t: t.view(G, R, nh, T, -1).transpose(1, 2).reshape(G, nh, R * T, -1)  # (B,nh,T,X) -> (G,nh,RT,X)
     ungroup = lambda t: t.view(G, nh, R, T, -1).transpose(1, 2).reshape(B, nh, T, -1)
