@@ -341,8 +341,8 @@ class KVCache:
     def fork(self, base, length):
         """A cache for rows that go on from this cache's G rows: this cache becomes their shared prefix, read by each
         row at positions < base (B,), and each row's positions base .. base + length - 1 are its own `length` slots.
-        Rows are group-major: B = G x R, rows g*R .. g*R + R - 1 go on from prefix row g and share its base (fork
-        itself: R = 1; select must keep that order). Why: a beam's candidates share their environment's context,
+        Rows are group-major: B = G x R, rows g*R .. g*R + R - 1 go on from prefix row g (fork itself: R = 1;
+        select must keep that order). Why: a beam's candidates share their environment's context,
         whose keys are then stored and read once per environment, not copied to and read by every candidate
         (prefix_attention)."""
         L, G, nh, _, hd = self.k.shape
@@ -397,22 +397,23 @@ class Dropout(nn.Dropout):
 def prefix_attention(q, k, v, prefix_k, prefix_v, bias, prefix_bias):
     """Attention of queries q (B, nh, T, hs) over each row's own keys and values k, v (B, nh, S, hs), with additive
     bias (B, 1, T, S) (0 where allowed, -inf not), and over its group's shared prefix prefix_k, prefix_v (G, nh, n,
-    hs) with prefix_bias (G, 1, 1, n) (a forked KVCache; rows group-major, B = G x R): one softmax over both parts,
-    no dropout. The prefix is read once per group, the R rows' queries as one (R*T, hs) batch, and the prefix
-    scores stay in that grouped layout; the softmax is written out (exp of the scores less their joint max, divided
-    by the joint sum) so that each score is written once and read three times."""
+    hs) with prefix_bias (B, 1, 1, n) (a forked KVCache; rows group-major, B = G x R): one softmax over both parts,
+    no dropout. The prefix is read once per group: the R rows' queries form one (R*T, hs) batch against it. The
+    softmax is written out in place (exp of the scores less their joint max, over the joint sum): each score is
+    written once."""
     B, nh, T, hs = q.shape
     G = prefix_k.shape[0]
     R = B // G
     group = lambda t: t.view(G, R, nh, T, -1).transpose(1, 2).reshape(G, nh, R * T, -1)  # (B,nh,T,X) -> (G,nh,RT,X)
     ungroup = lambda t: t.view(G, nh, R, T, -1).transpose(1, 2).reshape(B, nh, T, -1)
     q = q * hs ** -0.5
-    s1 = (group(q) @ prefix_k.transpose(-2, -1)).add_(prefix_bias)  # (G, nh, RT, n)
+    s1 = ungroup(group(q) @ prefix_k.transpose(-2, -1)).add_(prefix_bias)  # (B, nh, T, n)
     s2 = (q @ k.transpose(-2, -1)).add_(bias)  # (B, nh, T, S)
-    m = torch.maximum(group(s2.amax(-1, keepdim=True)), s1.amax(-1, keepdim=True))  # (G, nh, RT, 1): finite (a row
-    s1, s2 = s1.sub_(m).exp_(), s2.sub_(ungroup(m)).exp_()  # sees at least its own key)
-    z = s1.sum(-1, keepdim=True) + group(s2.sum(-1, keepdim=True))  # (G, nh, RT, 1)
-    return ungroup((s1 @ prefix_v + group(s2 @ v)) / z)  # (B, nh, T, hs)
+    m = torch.maximum(s1.amax(-1, keepdim=True), s2.amax(-1, keepdim=True))  # (B, nh, T, 1): finite (a row sees
+    s1, s2 = s1.sub_(m).exp_(), s2.sub_(m).exp_()  # at least its own key)
+    # (the pointwise steps stay in the (B, ...) layout: fused with the group/ungroup reshapes, torch.compile with
+    # dynamic shapes computed them wrong)
+    return (ungroup(group(s1) @ prefix_v) + s2 @ v) / (s1.sum(-1, keepdim=True) + s2.sum(-1, keepdim=True))
 
 
 class SelfAttention(nn.Module):
@@ -565,11 +566,10 @@ class JOWA(nn.Module):
             keys = torch.arange(cache.k.shape[3], device=tokens.device)
             mask = (keys <= slot[..., None])[:, None]  # (B, 1, T, S)
             if cache.prefix is not None:  # and the prefix's keys before each row's base
-                G = cache.prefix.k.shape[1]  # a group's rows share its prefix row's base
-                pre = torch.arange(cache.prefix.k.shape[3], device=tokens.device) < cache.base.view(G, -1)[:, :1]
+                pre = torch.arange(cache.prefix.k.shape[3], device=tokens.device) < cache.base[:, None]  # (B, n)
                 zero = torch.zeros((), device=tokens.device)  # additive biases: 0 where allowed, -inf not
                 mask = (zero.masked_fill(~mask, float('-inf')),
-                        zero.masked_fill(~pre, float('-inf'))[:, None, None])  # (B, 1, T, S), (G, 1, 1, n)
+                        zero.masked_fill(~pre, float('-inf'))[:, None, None])  # (B, 1, T, S), (B, 1, 1, n)
             kw = dict(cache=cache, write_idx=slot, mask=mask)
         if rows is not None and pos is not None:
             raise ValueError("rows: only for a window from position 0 (pos None)")
