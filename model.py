@@ -341,10 +341,9 @@ class KVCache:
     def fork(self, base, length):
         """A cache for rows that go on from this cache's G rows: this cache becomes their shared prefix, read by each
         row at positions < base (B,), and each row's positions base .. base + length - 1 are its own `length` slots.
-        Rows are group-major: B = G x R, rows g*R .. g*R + R - 1 go on from prefix row g (fork itself: R = 1;
-        select must keep that order). Why: a beam's candidates share their environment's context,
-        whose keys are then stored and read once per environment, not copied to and read by every candidate
-        (prefix_attention)."""
+        Rows are group-major: B = G x R, rows g*R .. g*R + R - 1 go on from prefix row g (fork itself: R = 1; select
+        must keep that order). Why: a beam's candidates share their environment's context, whose keys are then
+        stored and read once per environment, not copied to and read by every candidate (prefix_attention)."""
         L, G, nh, _, hd = self.k.shape
         new = KVCache.__new__(KVCache)
         new.k, new.v = (self.k.new_zeros(L, G, nh, length, hd) for _ in range(2))
