@@ -113,8 +113,8 @@ class Planner:
             name = 'recompile_limit' if hasattr(c, 'recompile_limit') else 'cache_size_limit'  # (torch < 2.6)
             setattr(c, name, max(getattr(c, name), 64))
         self.stats = dict(blocks=0, passes=0)  # world steps and their forward passes
-        self.timing = {}  # jacobi None: batch shape -> [world steps, times token by token, times by Jacobi]
-        self.probe_every = 16  # jacobi None: every 16th world step of a shape re-times the slower way
+        self.timing = {}  # jacobi None: batch shape -> its world steps, (token by token, Jacobi) times, credit (s)
+        self.probe_share = 0.1  # jacobi None: timing the slower way again may cost up to a tenth of the time
 
     def step(self, cache, act, draft, pos, tasks, key=None):
         """world_step with this planner's forward and settings; key names the batch shape for jacobi=None (e.g.
@@ -125,20 +125,29 @@ class Planner:
             return run(self.jacobi)
         # each way runs 4 times first, the first a warm-up (not counted); then the faster by the median of its last
         # 8 counted times (a Jacobi step's time depends on how well its frame was guessed: one hard frame must not
-        # decide, nor one easy one)
-        t = self.timing.setdefault(key, [0, [], []])
-        t[0] += 1
-        if len(t[1]) < 4 or len(t[2]) < 4:
-            jacobi = len(t[2]) < 4
+        # decide, nor one easy one). The slower way runs again once the time that costs (the difference of the
+        # medians) is at most probe_share of the time run since its last timing, and that timing replaces its old
+        # ones, taken on other frames: a choice made on a few hard (or easy) frames does not stay for long.
+        t = self.timing.setdefault(key, dict(steps=0, times=([], []), credit=0.0))
+        times, explore, probe = t['times'], t['steps'] < 8, False
+        t['steps'] += 1
+        if explore:
+            jacobi = t['steps'] <= 4
         else:
-            jacobi = (statistics.median(t[2][1:]) < statistics.median(t[1][1:])) != (t[0] % self.probe_every == 0)
+            med = [statistics.median(v[1:]) for v in times]
+            fast = med[1] < med[0]
+            probe = t['credit'] > med[not fast] - med[fast]
+            jacobi = fast != probe
         t0 = time.perf_counter()
         out = run(jacobi)
         if act.device.type == 'cuda':
             torch.cuda.synchronize(act.device)
-        times = t[1 + jacobi]
-        times.append(time.perf_counter() - t0)
-        del times[1:-8]  # the warm-up and the last 8
+        dt, v = time.perf_counter() - t0, times[jacobi]
+        if probe:
+            del v[1:]  # keep the warm-up slot
+        t['credit'] = 0.0 if probe or explore else t['credit'] + self.probe_share * dt
+        v.append(dt)
+        del v[1:-8]  # the warm-up and the last 8
         return out
 
     @torch.no_grad()

@@ -1198,20 +1198,42 @@ def test_jacobi_decoding_equals_token_by_token(fx, official, max_passes):
 
 def test_auto_decoding_times_both_ways_and_plans_the_same(fx, official, monkeypatch):
     """jacobi=None (the default) runs each batch shape's world steps by Jacobi 4 times, then token by token 4 times
-    (the first of each a warm-up), then the faster by its median time, and the slower again every probe_every-th
-    step; every plan equals token by token."""
+    (the first of each a warm-up), then the faster by its median time; every plan equals token by token."""
     ctx, lens, tasks, K = mixed_batch(fx)
     ref = Planner(official, jacobi=False)(ctx, lens, tasks, beam=K, horizon=2, trace=True)
     auto, ways, step = Planner(official), [], plan.world_step
-    auto.probe_every = 5
     monkeypatch.setattr(plan, 'world_step', lambda *a: ways.append(a[7]) or step(*a))
     for _ in range(11):
         assert_same_plans(auto(ctx, lens, tasks, beam=K, horizon=2, trace=True), ref)
     assert sorted(auto.timing) == [(1, 20), (2, 100)]  # (depth, rows): 4 environments x 5, then x 25 candidates
     for d in (0, 1):  # two world steps per call, depth 1 then 2
-        w = ways[d::2]
-        assert w[:8] == [True] * 4 + [False] * 4 and w[8] == w[10] != w[9], (d, w)  # step 10: a probe
-    assert all(len(t[1]) <= 9 and len(t[2]) <= 9 for t in auto.timing.values())
+        assert ways[d::2][:8] == [True] * 4 + [False] * 4, (d, ways[d::2])
+    assert all(len(v) <= 9 for t in auto.timing.values() for v in t['times'])
+
+
+def test_auto_decoding_leaves_a_choice_made_on_hard_frames_and_probes_cheaply(monkeypatch):
+    """With jacobi=None a choice made while Jacobi steps were slow (hard frames) is left within a few steps once
+    they get fast, and while one way is much faster, timing the other again costs at most probe_share of the time
+    (a fake clock: each world step takes the time `cost` gives its way)."""
+    clock, cost, ways = [0.0], {True: 5.0, False: 4.0}, []
+
+    def fake_step(*a):
+        ways.append(a[7])
+        clock[0] += cost[a[7]]
+    monkeypatch.setattr(plan, 'world_step', fake_step)
+    monkeypatch.setattr(plan.time, 'perf_counter', lambda: clock[0])
+    auto, act = Planner(torch.nn.Module()), torch.zeros(1)
+    run = lambda n: [auto.step(None, act, None, None, None, key=(1, 1)) for _ in range(n)]
+    run(8 + 3)  # exploration (Jacobi 5 s, token by token 4 s), then token by token
+    assert ways == [True] * 4 + [False] * 7
+    cost[True] = 1.0  # the frames get easy: Jacobi now 4x faster
+    ways.clear(), run(10)
+    switch = ways.index(True)
+    assert switch <= 4 and all(ways[switch:]), ways  # one re-timing of Jacobi, then Jacobi
+    ways.clear(), run(300)
+    probes = ways.count(False)
+    assert 1 <= probes and probes * (cost[False] - cost[True]) <= auto.probe_share * ways.count(True) * cost[True] + 3
+    assert all(ways[i + 1] for i, w in enumerate(ways[:-1]) if not w)  # a probe that loses changes nothing
 
 
 def world_step_inputs(fx, official):
