@@ -3,6 +3,7 @@ Benchmarks on this machine (CPU or GPU). Ratios are taken within one run, times 
 each section measures the machine's own matmul peak where it reports a fraction of it.
 
     python bench.py train [--before=DIR]   # one 40M training step (fwd + loss + bwd + AdamW), fp32 and bf16
+    python bench.py train --preset=150M --batch=64 --device=cuda   # on a GPU: time, memory, the paper run's cost
     python bench.py ddp [--repeats=3]      # 40M training: 1 process vs 2-rank gloo DDP (scaling), peak RSS
     python bench.py dtype                  # 40M training in fresh processes: fp32 vs bf16 autocast
     python bench.py sampler                # segment sampler throughput and peak RSS on a ~2 GB dataset
@@ -77,11 +78,12 @@ def same_model(other, model):
     return twin.train(model.training)
 
 
-def matmul_peak(dtype, n=2048, repeats=10):
+def matmul_peak(dtype, n=2048, repeats=10, device='cpu'):
     """The machine's own matmul throughput (FLOP/s) for a large square matmul in dtype: the fastest of the repeats
     (a peak; on a shared machine a median can read half of it when a neighbour is busy)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n ** 3 / timeit(lambda: a @ b, repeats, warmup=3, stat=min)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
+    return 2 * n ** 3 / timeit(lambda: (a @ b, sync()), repeats, warmup=3, stat=min)
 
 
 def forward_flops(cfg, B, T):
@@ -105,43 +107,66 @@ def token_batch(cfg, B, T, seed=0):
                 envs=torch.randint(0, 60, (B,), generator=g))
 
 
-def bench_train(preset='40M', B=16, T=8, repeats=5, before=''):
-    """One training step, fp32 and bf16; with before (another checkout), its step on the same weights and batch,
-    the two alternating."""
+def bench_train(argv):
+    """One training step (forward + loss + backward + clip + AdamW) on random stage-2 token batches of `batch`
+    segments of max_blocks blocks, fp32 and bf16 autocast, on --device (auto: CUDA if there is one): time, peak memory
+    and what the paper's run (1.75M steps of 512 segments) would take at that speed. With --before (another
+    checkout), its step on the same weights and batch, the two alternating."""
+    extra = dict(batch=16, repeats=5, before='', dtypes='float32,bfloat16')
+    cfg, args = parse_args(['--preset=40M'] + argv, extra, rules=dict(batch='>0', repeats='>0'))
+    bad = [d for d in args['dtypes'].split(',') if d not in ('float32', 'bfloat16')]
+    if bad:
+        raise SystemExit(f"error: --dtypes={args['dtypes']}: {bad[0]!r} is not float32 or bfloat16")
+    device = device_setup(cfg)[0]
+    cuda = torch.device(device).type == 'cuda'
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
-    cfg = make_config(preset)
-    models = {'now': JOWA(cfg).train()}
-    if before:
-        models['before'] = same_model(other_checkout(before)[0], models['now'])
+    models = {'now': JOWA(cfg).to(device).train()}
+    if args['before']:
+        models['before'] = same_model(other_checkout(args['before'])[0], models['now']).to(device)
     opts = {k: configure_optimizer(m, cfg.lr_world2, cfg.lr_critic, cfg.weight_decay) for k, m in models.items()}
-    batch = token_batch(cfg, B, T)
+    B, T = args['batch'], cfg.max_blocks
+    batch = {k: v.to(device) for k, v in token_batch(cfg, B, T).items()}
     world, q = forward_flops(cfg, B, T)
     flops = 3 * (world + q) + q  # forward + backward (2x) of everything trained, plus the target head forward
     tokens = B * T * cfg.tokens_per_block
-    print(f"train step, {preset} preset, batch {B} x {T} blocks = {tokens} tokens, {flops / 1e9:.1f} GFLOP counted, "
-          f"medians of {repeats}" + (f"; before: {before}, alternating" if before else ''))
-    for name, dtype in (('fp32', torch.float32), ('bf16', torch.bfloat16)):
+    name = torch.cuda.get_device_name(device) if cuda else f'CPU, {torch.get_num_threads()} threads'
+    print(f"train step, {cfg.preset} preset ({num_params(models['now']) / 1e6:.1f}M parameters) on {device} ({name}), "
+          f"batch {B} x {T} blocks = {tokens} tokens, {flops / 1e9:.1f} GFLOP counted, medians of {args['repeats']}"
+          + (f"; before: {args['before']}, alternating" if args['before'] else ''))
+    for dname in args['dtypes'].split(','):
+        dtype = getattr(torch, dname)
+
         def step(k):
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
                 loss, _ = models[k].compute_loss(batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(models[k].parameters(), cfg.grad_clip)
             opts[k].step()
             opts[k].zero_grad(set_to_none=True)
+            sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         times = {k: [] for k in models}
-        for r in range(repeats + 1):  # the first round warms up
-            for k in models:
+        for r in range(args['repeats'] + 1):  # the first round warms up
+            for k in (list(models) if r % 2 else list(models)[::-1]):  # alternating which goes first
                 t0 = time.perf_counter()
                 step(k)
                 if r:
                     times[k].append(time.perf_counter() - t0)
         t = statistics.median(times['now'])
-        peak = matmul_peak(dtype)
-        print(f"  {name}: {t * 1000:7.0f} ms/step  {tokens / t:7.0f} tokens/s  {flops / t / 1e9:6.1f} GFLOP/s  "
-              f"= {100 * flops / t / peak:4.1f}% of the {peak / 1e9:.0f} GFLOP/s {name} matmul peak")
-        if before:
+        peak = matmul_peak(dtype, device=device)
+        mem = (f"peak memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB" if cuda else
+               f"peak RSS of the process {peak_rss_mb() / 1024:.2f} GiB")
+        days = 1.75e6 * 512 / B * t / 86400
+        print(f"  {dname}: {t * 1000:7.0f} ms/step  {tokens / t:9.0f} tokens/s  {flops / t / 1e9:8.1f} GFLOP/s  "
+              f"= {100 * flops / t / peak:4.1f}% of the {peak / 1e9:.0f} GFLOP/s {dname} matmul peak; {mem}"
+              + (" (both models)" if args['before'] else ''))
+        print(f"    the paper's run at this speed (1.75M steps of 512 segments, the tokenizer's steps of stage 1 not "
+              f"counted): {days:,.1f} days on this device, {days / 8:,.1f} on 8 like it if DDP scaled perfectly")
+        if args['before']:
             tb = statistics.median(times['before'])
-            print(f"  {name} before: {tb * 1000:7.0f} ms/step  {tokens / tb:7.0f} tokens/s  -> now {tb / t:.2f}x")
+            print(f"  {dname} before: {tb * 1000:7.0f} ms/step  {tokens / tb:9.0f} tokens/s  -> now {tb / t:.2f}x")
 
 
 # -----------------------------------------------------------------------------
@@ -326,7 +351,8 @@ def bench_scaled_ql(argv):
     print(f"training step, fp32, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}: JOWA "
           f"{B} segments x {T} blocks, Scaled-QL {B * T} transitions (15 games' heads), median of {R} repeats")
     games = list(PRETRAIN_GAMES)
-    for jowa_preset, sql_preset in pairs:
+
+    def measure(jowa_preset, sql_preset):  # one pair; its models are freed on return
         torch.manual_seed(0)
         jcfg = make_config(jowa_preset)
         jowa = JOWA(jcfg).train()
@@ -363,7 +389,9 @@ def bench_scaled_ql(argv):
               f"{B / t_jowa:8.1f} segments/s = {B * T / t_jowa:8.1f} steps/s  |  Scaled-QL {sql_preset:>9} "
               f"({num_params(sql) / 1e6:6.2f}M): {t_sql * 1e3:7.0f} ms/step {n / t_sql:8.1f} transitions/s  |  "
               f"Scaled-QL / JOWA steps/s {n / t_sql / (B * T / t_jowa):.2f}x", flush=True)
-        del jowa, jopt, sql, target, sopt
+
+    for jowa_preset, sql_preset in pairs:
+        measure(jowa_preset, sql_preset)
 
 
 # -----------------------------------------------------------------------------
@@ -457,7 +485,7 @@ def bench_plan(argv):
             raise SystemExit(f"error: {e}")
     planner = Planner(model, compile=cfg.compile, freeze=args['freeze'], jacobi=dict(auto=None, on=True, off=False)[args['jacobi']],
                       max_passes=args['max_passes'])
-    other = None  # --before: that checkout's planner on the same weights, timed after ours on the same inputs
+    other = None  # --before: that checkout's planner on the same weights, timed beside ours on the same inputs
     if args['before']:
         other_model, other_plan = other_checkout(args['before'])
         other = other_plan.Planner(same_model(other_model, model), compile=cfg.compile,
@@ -525,15 +553,16 @@ def bench_plan(argv):
                                 planner.stats = st
                             t0 = time.perf_counter()
                             tokenizer.encode(frames)
-                            t1 = time.perf_counter()
-                            planner(ctx, lens, tasks, beam=max(K, 1), horizon=H, guess=guess)
-                            t2 = time.perf_counter()
-                            if other:
-                                other(ctx, lens, tasks, beam=max(K, 1), horizon=H, guess=guess)
+                            t_e = time.perf_counter() - t0
+                            # with --before, the two alternate which goes first (a machine that speeds up or slows
+                            # down during a pair favours neither)
+                            for p in ([planner, other] if r % 2 else [other, planner]) if other else [planner]:
+                                t0 = time.perf_counter()
+                                p(ctx, lens, tasks, beam=max(K, 1), horizon=H, guess=guess)
+                                if r:
+                                    (t_plan if p is planner else t_other).append(time.perf_counter() - t0)
                             if r:
-                                t_enc.append(t1 - t0)
-                                t_plan.append(t2 - t1)
-                                t_other.append(time.perf_counter() - t2)
+                                t_enc.append(t_e)
                     enc, pl = statistics.median(t_enc), statistics.median(t_plan)
                     dps = N / (enc + pl)
                     flops = planner_flops(cfg, N, L, K, H)
@@ -626,8 +655,7 @@ def bench_mcts(argv):
 if __name__ == '__main__':
     which, argv = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ('train', [])
     if which == 'train':
-        opts = dict(a[2:].split('=', 1) for a in argv if a.startswith('--') and '=' in a)
-        bench_train(repeats=int(opts.get('repeats', 5)), before=opts.get('before', ''))
+        bench_train(argv)
     elif which in ('ddp', 'dtype'):
         bench_ddp(which, int(next((a.split('=')[1] for a in argv if a.startswith('--repeats=')), 3)))
     elif which == 'sampler':
