@@ -162,8 +162,9 @@ def bench_train(argv):
         print(f"  {dname}: {t * 1000:7.0f} ms/step  {tokens / t:9.0f} tokens/s  {flops / t / 1e9:8.1f} GFLOP/s  "
               f"= {100 * flops / t / peak:4.1f}% of the {peak / 1e9:.0f} GFLOP/s {dname} matmul peak; {mem}"
               + (" (both models)" if args['before'] else ''))
-        print(f"    the paper's run at this speed (1.75M steps of 512 segments, the tokenizer's steps of stage 1 not "
-              f"counted): {days:,.1f} days on this device, {days / 8:,.1f} on 8 like it if DDP scaled perfectly")
+        print(f"    the paper's run (1.75M steps of 512 segments: {flops * 512 / B * 1.75e6 / 1e18:,.2f} EFLOP counted; the "
+              f"tokenizer's steps of stage 1 not counted) at this speed: {days:,.1f} days on this device, "
+              f"{days / 8:,.1f} on 8 like it if DDP scaled perfectly")
         if args['before']:
             tb = statistics.median(times['before'])
             print(f"  {dname} before: {tb * 1000:7.0f} ms/step  {tokens / tb:9.0f} tokens/s  -> now {tb / t:.2f}x")
